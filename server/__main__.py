@@ -1,0 +1,90 @@
+"""Command line: ``python -m server [serve|migrate|generate-key|settings]``.
+
+serve (the default) runs the gRPC server until SIGTERM or SIGINT, then shuts down gracefully.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+from server import app, config, logs
+from server.crypto import generate_key
+from server.errors import DatabaseUnavailable
+from server.migrate import MigrationError, migrate
+
+log = logging.getLogger("deadletter")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="deadletter", description=__doc__)
+    parser.add_argument(
+        "command",
+        nargs="?",
+        default="serve",
+        choices=("serve", "migrate", "generate-key", "settings"),
+        help="serve: run the server (default); migrate: apply pending migrations and exit; "
+        "generate-key: print a new base64 AES-256 key; settings: print the settings table",
+    )
+    command = parser.parse_args(argv).command
+    if command == "generate-key":
+        print(generate_key())
+        return 0
+    if command == "settings":
+        print(settings_table())
+        return 0
+    try:
+        settings = config.from_env()
+    except config.ConfigError as error:
+        print(f"deadletter: configuration error: {error}", file=sys.stderr)
+        return 2
+    logs.configure(settings.log_level)
+    try:
+        asyncio.run(_serve(settings) if command == "serve" else _migrate(settings))
+    except (config.ConfigError, MigrationError) as error:
+        log.error("cannot start: %s", error)
+        return 2
+    except DatabaseUnavailable:
+        log.exception("cannot start: the database is unreachable")
+        return 1
+    return 0
+
+
+async def _migrate(settings: config.Settings) -> None:
+    if settings.database_url is None:
+        raise config.ConfigError("migrate needs DATABASE_URL (the embedded mode migrates when it serves)")
+    applied = await migrate(settings.database_url, settings.migrations_dir)
+    log.info("migrations done", extra={"applied": applied})
+
+
+async def _serve(settings: config.Settings) -> None:
+    application = await app.start(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    mode = "embedded PostgreSQL in " + str(settings.data_dir) if settings.embedded else "DATABASE_URL"
+    log.info("serving", extra={"address": application.address, "database": mode})
+    print(
+        f"deadletter is listening on {application.address} (plaintext gRPC; database: {mode}).\n"
+        f"  Try: grpcurl -plaintext {application.address} list\n"
+        f"       grpcurl -plaintext {application.address} describe deadletter.v1.DeadLetterService\n"
+        "  Stop with Ctrl-C.",
+        flush=True,
+    )
+    await stop.wait()
+    log.info("shutting down", extra={"grace_seconds": settings.shutdown_grace_seconds})
+    await application.stop()
+
+
+def settings_table() -> str:
+    rows = ["| Variable | Default | Meaning |", "| --- | --- | --- |"]
+    rows += [f"| `{v.name}` | `{v.default}` | {v.help} |" for v in config.VARIABLES]
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""Configuration: every setting read from the environment and validated here, once, at start.
+
+Variables share the DEADLETTER_ prefix, except DATABASE_URL, which keeps the name every tool and platform
+already uses. A bad value stops the server with a message naming the variable; values are never echoed,
+because some of them are secrets.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+PREFIX = "DEADLETTER_"
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class ConfigError(Exception):
+    """A setting is missing or malformed; the message names the variable."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Validated settings. Build with from_env(); tests construct it directly."""
+
+    database_url: str | None = None
+    listen: str = "127.0.0.1:50051"
+    # Comma-separated base64 keys, newest first; parsed into a Keyring by server.crypto.
+    encryption_keys: str | None = None
+    data_dir: Path = PROJECT_ROOT / ".deadletter"
+    migrations_dir: Path = PROJECT_ROOT / "migrations"
+    migrate_on_start: bool = True
+    max_payload_bytes: int = 1024 * 1024
+    db_pool_min_size: int = 2
+    db_pool_max_size: int = 10
+    db_acquire_timeout_seconds: float = 5.0
+    db_statement_timeout_seconds: float = 30.0
+    shutdown_grace_seconds: float = 10.0
+    log_level: str = "INFO"
+
+    @property
+    def embedded(self) -> bool:
+        """True when no database is configured and the server runs its own PostgreSQL."""
+        return self.database_url is None
+
+
+@dataclass(frozen=True)
+class _Var:
+    name: str
+    default: str
+    help: str
+
+
+# The single list of settings: the README's table is written from it (python -m server settings).
+VARIABLES: tuple[_Var, ...] = (
+    _Var("DATABASE_URL", "(unset: embedded PostgreSQL)", "PostgreSQL DSN, passed to asyncpg untouched."),
+    _Var(PREFIX + "LISTEN", "127.0.0.1:50051", "host:port the gRPC server binds."),
+    _Var(
+        PREFIX + "ENCRYPTION_KEYS",
+        "(required with DATABASE_URL)",
+        "Comma-separated base64 AES-256 keys (32 bytes each), newest first; the first encrypts.",
+    ),
+    _Var(PREFIX + "DATA_DIR", "./.deadletter", "Embedded mode only: PostgreSQL data and generated keys."),
+    _Var(PREFIX + "MIGRATIONS_DIR", "./migrations", "Folder of ordered .sql migrations."),
+    _Var(PREFIX + "MIGRATE_ON_START", "true", "Apply pending migrations at start."),
+    _Var(PREFIX + "MAX_PAYLOAD_BYTES", "1048576", "Largest payload Store accepts; sets the gRPC receive limit."),
+    _Var(PREFIX + "DB_POOL_MIN_SIZE", "2", "Connections kept open."),
+    _Var(PREFIX + "DB_POOL_MAX_SIZE", "10", "Most connections open at once."),
+    _Var(PREFIX + "DB_ACQUIRE_TIMEOUT_SECONDS", "5", "Wait for a free connection before UNAVAILABLE."),
+    _Var(PREFIX + "DB_STATEMENT_TIMEOUT_SECONDS", "30", "Longest a single query may run."),
+    _Var(PREFIX + "SHUTDOWN_GRACE_SECONDS", "10", "On SIGTERM, how long in-flight calls may take to finish."),
+    _Var(PREFIX + "LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR. Logs never contain payloads."),
+)
+
+
+def from_env(env: Mapping[str, str] | None = None) -> Settings:
+    """Read and validate every setting, raising ConfigError naming the first bad one."""
+    env = os.environ if env is None else env
+    reader = _Reader(env)
+    settings = Settings(
+        database_url=reader.text("DATABASE_URL"),
+        listen=reader.text(PREFIX + "LISTEN") or Settings.listen,
+        encryption_keys=reader.text(PREFIX + "ENCRYPTION_KEYS"),
+        data_dir=reader.path(PREFIX + "DATA_DIR", Settings.data_dir),
+        migrations_dir=reader.path(PREFIX + "MIGRATIONS_DIR", Settings.migrations_dir),
+        migrate_on_start=reader.boolean(PREFIX + "MIGRATE_ON_START", Settings.migrate_on_start),
+        max_payload_bytes=reader.integer(PREFIX + "MAX_PAYLOAD_BYTES", Settings.max_payload_bytes, 1, 64 << 20),
+        db_pool_min_size=reader.integer(PREFIX + "DB_POOL_MIN_SIZE", Settings.db_pool_min_size, 0, 1000),
+        db_pool_max_size=reader.integer(PREFIX + "DB_POOL_MAX_SIZE", Settings.db_pool_max_size, 1, 1000),
+        db_acquire_timeout_seconds=reader.seconds(
+            PREFIX + "DB_ACQUIRE_TIMEOUT_SECONDS", Settings.db_acquire_timeout_seconds
+        ),
+        db_statement_timeout_seconds=reader.seconds(
+            PREFIX + "DB_STATEMENT_TIMEOUT_SECONDS", Settings.db_statement_timeout_seconds
+        ),
+        shutdown_grace_seconds=reader.seconds(PREFIX + "SHUTDOWN_GRACE_SECONDS", Settings.shutdown_grace_seconds),
+        log_level=reader.choice(PREFIX + "LOG_LEVEL", Settings.log_level, ("DEBUG", "INFO", "WARNING", "ERROR")),
+    )
+    _check_listen(settings.listen)
+    if settings.db_pool_min_size > settings.db_pool_max_size:
+        raise ConfigError(f"{PREFIX}DB_POOL_MIN_SIZE must not exceed {PREFIX}DB_POOL_MAX_SIZE")
+    if not settings.embedded and not settings.encryption_keys:
+        raise ConfigError(f"{PREFIX}ENCRYPTION_KEYS is required when DATABASE_URL is set")
+    return settings
+
+
+def _check_listen(listen: str) -> None:
+    host, sep, port = listen.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"{PREFIX}LISTEN must be host:port, for example 127.0.0.1:50051")
+
+
+class _Reader:
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self._env = env
+
+    def text(self, name: str) -> str | None:
+        value = self._env.get(name, "").strip()
+        return value or None
+
+    def path(self, name: str, default: Path) -> Path:
+        value = self.text(name)
+        return Path(value).expanduser().resolve() if value else default
+
+    def boolean(self, name: str, default: bool) -> bool:
+        value = self.text(name)
+        if value is None:
+            return default
+        if value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{name} must be true or false")
+
+    def integer(self, name: str, default: int, low: int, high: int) -> int:
+        value = self.text(name)
+        if value is None:
+            return default
+        if not value.isdigit() or not low <= int(value) <= high:
+            raise ConfigError(f"{name} must be a whole number from {low} to {high}")
+        return int(value)
+
+    def seconds(self, name: str, default: float) -> float:
+        value = self.text(name)
+        if value is None:
+            return default
+        try:
+            seconds = float(value)
+        except ValueError:
+            seconds = -1.0
+        if not 0 < seconds <= 3600:
+            raise ConfigError(f"{name} must be a number of seconds above 0 and at most 3600")
+        return seconds
+
+    def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
+        value = (self.text(name) or default).upper()
+        if value not in choices:
+            raise ConfigError(f"{name} must be one of {', '.join(choices)}")
+        return value

@@ -1,0 +1,62 @@
+"""The zero-configuration mode: a private PostgreSQL (pgserver) and generated secrets in a local data folder.
+
+Only for development and trying the service out. Secrets generated here sit next to the data they protect, so
+a production deployment sets DATABASE_URL and DEADLETTER_ENCRYPTION_KEYS instead (config refuses to start
+otherwise).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+log = logging.getLogger("deadletter.embedded")
+
+DATABASE = "deadletter"
+
+
+def start_postgres(data_dir: Path) -> Any:
+    """Start (or reuse) the private PostgreSQL under data_dir/postgres; it stops when this process exits."""
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        # platformdirs warns when XDG_RUNTIME_DIR is unset (containers, CI); pgserver copes without it.
+        warnings.simplefilter("ignore")
+        import pgserver  # here, not at the top: only the embedded mode needs it
+
+        return pgserver.get_server(data_dir / "postgres", cleanup_mode="stop")
+
+
+async def database_url(server: Any) -> str:
+    """Create the service's database in the embedded server if needed and return its DSN."""
+    conn = await asyncpg.connect(server.get_uri("postgres"))
+    try:
+        exists = await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", DATABASE)
+        if not exists:
+            await conn.execute(f'CREATE DATABASE "{DATABASE}"')
+    finally:
+        await conn.close()
+    uri: str = server.get_uri(DATABASE)
+    return uri
+
+
+def secret(data_dir: Path, name: str, generate: Any) -> str:
+    """Read data_dir/name, or create it (mode 0600) with generate() and warn that it was generated."""
+    path = data_dir / name
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return path.read_text(encoding="ascii").strip()
+    value: str = generate()
+    with os.fdopen(fd, "w", encoding="ascii") as file:
+        file.write(value + "\n")
+    log.warning(
+        "generated a new secret for the embedded mode; production must configure its own",
+        extra={"file": str(path)},
+    )
+    return value

@@ -1,0 +1,73 @@
+"""Domain errors: one base class, each carrying the data its status message needs.
+
+Messages are built only from ids, field names and limits. They must never include payloads, headers, keys or
+tokens: they travel to the caller and into logs. server/status.py maps each class to a gRPC status code.
+"""
+
+from __future__ import annotations
+
+
+class DeadLetterError(Exception):
+    """Base of every error the service reports to callers on purpose."""
+
+    @property
+    def message(self) -> str:
+        return str(self)
+
+
+class InvalidArgument(DeadLetterError):
+    """A request field is missing or malformed."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+        self.reason = reason
+
+
+class NotFound(DeadLetterError):
+    """No dead letter has this id."""
+
+    def __init__(self, record_id: str) -> None:
+        super().__init__(f"dead letter {record_id} not found")
+        self.record_id = record_id
+
+
+class IdempotencyConflict(DeadLetterError):
+    """The idempotency key was already used for a Store with different content."""
+
+    def __init__(self, existing_id: str) -> None:
+        super().__init__(f"idempotency_key was already used by dead letter {existing_id} with different content")
+        self.existing_id = existing_id
+
+
+class RecordCorrupted(DeadLetterError):
+    """A stored ciphertext failed authentication: altered, truncated, or copied from another record."""
+
+    def __init__(self, record_id: str) -> None:
+        super().__init__(
+            f"dead letter {record_id} failed its integrity check: the stored ciphertext was altered "
+            "or does not belong to this record"
+        )
+        self.record_id = record_id
+
+
+class KeyUnavailable(DeadLetterError):
+    """A record names an encryption key that is not in the configured keyring."""
+
+    def __init__(self, record_id: str, key_id: str) -> None:
+        super().__init__(
+            f"dead letter {record_id} is encrypted with key {key_id}, which is not in the configured keyring"
+        )
+        self.record_id = record_id
+        self.key_id = key_id
+
+
+class Aborted(DeadLetterError):
+    """A concurrent change got in the way; the caller may retry the same request."""
+
+
+class DatabaseUnavailable(DeadLetterError):
+    """The database could not be reached or gave no connection in time; nothing was committed."""
+
+    def __init__(self) -> None:
+        super().__init__("the database is unavailable; nothing was written, retry later")

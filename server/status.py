@@ -1,0 +1,89 @@
+"""The one place where errors become gRPC statuses, and where every call is logged with its outcome.
+
+Domain errors map to their status code with their own (PHI-free) message. A status a handler set itself is
+kept. Anything else is a bug: the caller gets INTERNAL with a reference, the log gets the type and stack.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any, cast
+
+import grpc
+import grpc.aio
+
+from server import errors, logs
+
+log = logging.getLogger("deadletter.rpc")
+
+_CODES: dict[type[errors.DeadLetterError], grpc.StatusCode] = {
+    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.NotFound: grpc.StatusCode.NOT_FOUND,
+    errors.IdempotencyConflict: grpc.StatusCode.ALREADY_EXISTS,
+    errors.RecordCorrupted: grpc.StatusCode.DATA_LOSS,
+    errors.KeyUnavailable: grpc.StatusCode.INTERNAL,
+    errors.Aborted: grpc.StatusCode.ABORTED,
+    errors.DatabaseUnavailable: grpc.StatusCode.UNAVAILABLE,
+}
+
+Behavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
+
+
+def status_code(error: errors.DeadLetterError) -> grpc.StatusCode:
+    for cls in type(error).__mro__:
+        if cls in _CODES:
+            return _CODES[cls]
+    return grpc.StatusCode.INTERNAL
+
+
+class StatusInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]  # generic only in the stubs
+    """Wraps the unary handlers of the services it is given (by full name prefix)."""
+
+    def __init__(self, service_prefixes: tuple[str, ...]) -> None:
+        self._prefixes = service_prefixes
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        handler = await continuation(handler_call_details)
+        method: str = handler_call_details.method
+        if handler is None or handler.unary_unary is None or not method.startswith(self._prefixes):
+            return handler
+        return grpc.unary_unary_rpc_method_handler(
+            _mapped(method, cast(Behavior, handler.unary_unary)),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+
+def _mapped(method: str, behavior: Behavior) -> Behavior:
+    async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        logs.call_fields.set({"method": method})
+        started = time.perf_counter()
+        code = grpc.StatusCode.OK
+        try:
+            return await behavior(request, context)
+        except errors.DeadLetterError as error:
+            code = status_code(error)
+            await context.abort(code, error.message)
+        except (grpc.aio.AbortError, asyncio.CancelledError):
+            code = context.code() or grpc.StatusCode.CANCELLED
+            raise
+        except Exception:
+            code = grpc.StatusCode.INTERNAL
+            reference = str(uuid.uuid4())
+            log.exception("unhandled error", extra={"reference": reference})
+            await context.abort(code, f"internal error (reference {reference})")
+        finally:
+            log.info(
+                "rpc",
+                extra={"code": code.name, "duration_ms": round((time.perf_counter() - started) * 1000, 2)},
+            )
+
+    return call
