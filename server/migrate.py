@@ -15,6 +15,8 @@ from pathlib import Path
 
 import asyncpg
 
+from server.store import translate_errors
+
 log = logging.getLogger("deadletter.migrate")
 
 # Any fixed 64-bit number works; this one is the first 8 bytes of sha256("deadletter migrations").
@@ -65,7 +67,8 @@ def load(folder: Path) -> list[Migration]:
 async def migrate(dsn: str, folder: Path) -> list[str]:
     """Apply pending migrations; return the names of those applied now."""
     migrations = load(folder)
-    conn = await asyncpg.connect(dsn)
+    with translate_errors():
+        conn = await asyncpg.connect(dsn)
     try:
         await conn.execute("SELECT pg_advisory_lock($1)", _LOCK_KEY)
         try:

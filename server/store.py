@@ -61,7 +61,7 @@ class NewRecord:
 
 async def create_pool(settings: Settings, dsn: str) -> asyncpg.Pool:
     """Open the connection pool; raises DatabaseUnavailable if the database cannot be reached."""
-    with _translate_errors():
+    with translate_errors():
         return await asyncpg.create_pool(
             dsn,
             min_size=settings.db_pool_min_size,
@@ -129,13 +129,14 @@ class Store:
 
     @contextlib.asynccontextmanager
     async def _connection(self) -> AsyncIterator[asyncpg.pool.PoolConnectionProxy]:
-        with _translate_errors():
+        with translate_errors():
             async with self._pool.acquire(timeout=self._acquire_timeout) as conn:
                 yield conn
 
 
 @contextlib.contextmanager
-def _translate_errors() -> Iterator[None]:
+def translate_errors() -> Iterator[None]:
+    """Turn 'the database is not there' driver errors into DatabaseUnavailable."""
     try:
         yield
     except asyncio.CancelledError:

@@ -1,0 +1,126 @@
+"""Starting the server: the embedded mode from nothing, and refusal with a clear message on bad settings."""
+
+from __future__ import annotations
+
+import base64
+import stat
+from pathlib import Path
+
+import grpc
+import grpc.aio
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from deadletter.v1 import deadletter_pb2 as pb
+from deadletter.v1 import deadletter_pb2_grpc as pb_grpc
+from server.config import ConfigError, from_env
+from server.crypto import Keyring, generate_key
+from tests.conftest import SAMPLES
+from tests.processes import ServerProcess, free_port, run_server_expecting_failure
+
+
+async def test_embedded_mode_starts_from_nothing_and_keeps_data_and_key_across_restarts(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    env = {"DEADLETTER_DATA_DIR": str(data_dir), "DEADLETTER_LISTEN": f"127.0.0.1:{free_port()}"}
+
+    async with ServerProcess(env) as first:
+        assert "embedded PostgreSQL" in first.banner
+        assert "grpcurl -plaintext" in first.banner
+        address = env["DEADLETTER_LISTEN"]
+        async with grpc.aio.insecure_channel(address) as channel:
+            stored = await pb_grpc.DeadLetterServiceStub(channel).Store(SAMPLES[0].store_request())
+            health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
+    assert first.returncode == 0
+    assert "generated a new secret" in first.logs()
+
+    key_file = data_dir / "encryption.key"
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    key = key_file.read_text().strip()
+    Keyring.parse(key)  # a valid 32-byte key
+
+    async with ServerProcess(env) as second:
+        async with grpc.aio.insecure_channel(address) as channel:
+            got = await pb_grpc.DeadLetterServiceStub(channel).Get(pb.GetRequest(id=stored.id))
+        assert got.payload == SAMPLES[0].body
+    assert second.returncode == 0
+    assert "generated a new secret" not in second.logs()
+    assert key_file.read_text().strip() == key
+    assert key not in first.logs() + second.logs()
+
+
+async def test_database_url_without_a_key_refuses_to_start(database_url: str) -> None:
+    code, output = await run_server_expecting_failure({"DATABASE_URL": database_url})
+    assert code == 2
+    assert "DEADLETTER_ENCRYPTION_KEYS" in output
+
+
+@pytest.mark.parametrize(
+    ("keys", "problem"),
+    [
+        ("not base64!", "not valid base64"),
+        (base64.b64encode(b"k" * 16).decode(), "16 bytes"),
+        (base64.b64encode(b"k" * 33).decode(), "33 bytes"),
+        (f"{generate_key()},short", "key #2"),
+    ],
+    ids=["garbage", "short", "long", "second-bad"],
+)
+async def test_malformed_key_refuses_to_start_naming_the_setting(database_url: str, keys: str, problem: str) -> None:
+    code, output = await run_server_expecting_failure(
+        {"DATABASE_URL": database_url, "DEADLETTER_ENCRYPTION_KEYS": keys}
+    )
+    assert code == 2
+    assert "DEADLETTER_ENCRYPTION_KEYS" in output
+    assert problem in output
+    for part in keys.split(","):
+        assert part not in output
+
+
+async def test_unreachable_database_refuses_to_start(encryption_key: str) -> None:
+    code, output = await run_server_expecting_failure(
+        {
+            "DATABASE_URL": f"postgresql://nobody@127.0.0.1:{free_port()}/nothing",
+            "DEADLETTER_ENCRYPTION_KEYS": encryption_key,
+        }
+    )
+    assert code == 1
+    assert "database is unreachable" in output
+
+
+def test_same_key_twice_is_refused() -> None:
+    key = generate_key()
+    with pytest.raises(ConfigError, match="same key twice"):
+        Keyring.parse(f"{key},{key}")
+
+
+@pytest.mark.parametrize(
+    ("env", "variable"),
+    [
+        ({"DEADLETTER_LISTEN": "nowhere"}, "DEADLETTER_LISTEN"),
+        ({"DEADLETTER_LISTEN": "127.0.0.1:99999"}, "DEADLETTER_LISTEN"),
+        ({"DEADLETTER_MAX_PAYLOAD_BYTES": "-5"}, "DEADLETTER_MAX_PAYLOAD_BYTES"),
+        ({"DEADLETTER_MAX_PAYLOAD_BYTES": "lots"}, "DEADLETTER_MAX_PAYLOAD_BYTES"),
+        ({"DEADLETTER_MIGRATE_ON_START": "maybe"}, "DEADLETTER_MIGRATE_ON_START"),
+        ({"DEADLETTER_DB_ACQUIRE_TIMEOUT_SECONDS": "0"}, "DEADLETTER_DB_ACQUIRE_TIMEOUT_SECONDS"),
+        ({"DEADLETTER_DB_POOL_MIN_SIZE": "20", "DEADLETTER_DB_POOL_MAX_SIZE": "5"}, "DEADLETTER_DB_POOL_MIN_SIZE"),
+        ({"DEADLETTER_LOG_LEVEL": "chatty"}, "DEADLETTER_LOG_LEVEL"),
+    ],
+)
+def test_bad_settings_name_the_variable(env: dict[str, str], variable: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        from_env(env)
+    assert variable in str(caught.value)
+
+
+def test_defaults_are_the_embedded_mode_on_loopback() -> None:
+    settings = from_env({})
+    assert settings.embedded
+    assert settings.listen == "127.0.0.1:50051"
+    assert settings.max_payload_bytes == 1024 * 1024
+    assert settings.migrate_on_start
+
+
+def test_generate_key_prints_a_usable_key() -> None:
+    key = generate_key()
+    assert len(base64.b64decode(key)) == 32
+    assert Keyring.parse(key).primary_id
