@@ -11,6 +11,10 @@ import logging
 import signal
 import sys
 
+import grpc
+import grpc.aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from server import app, config, logs
 from server.crypto import generate_key
 from server.errors import DatabaseUnavailable
@@ -25,8 +29,9 @@ def main(argv: list[str] | None = None) -> int:
         "command",
         nargs="?",
         default="serve",
-        choices=("serve", "migrate", "generate-key", "settings"),
+        choices=("serve", "migrate", "healthcheck", "generate-key", "settings"),
         help="serve: run the server (default); migrate: apply pending migrations and exit; "
+        "healthcheck: exit 0 if the local server reports SERVING (for container health checks); "
         "generate-key: print a new base64 AES-256 key; settings: print the settings table",
     )
     command = parser.parse_args(argv).command
@@ -41,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     except config.ConfigError as error:
         print(f"deadletter: configuration error: {error}", file=sys.stderr)
         return 2
+    if command == "healthcheck":
+        return asyncio.run(_healthcheck(settings))
     logs.configure(settings.log_level)
     try:
         asyncio.run(_serve(settings) if command == "serve" else _migrate(settings))
@@ -78,6 +85,20 @@ async def _serve(settings: config.Settings) -> None:
     await stop.wait()
     log.info("shutting down", extra={"grace_seconds": settings.shutdown_grace_seconds})
     await application.stop()
+
+
+async def _healthcheck(settings: config.Settings) -> int:
+    host, _, port = settings.listen.rpartition(":")
+    host = "127.0.0.1" if host in ("0.0.0.0", "[::]", "::") else host  # noqa: S104 -- mapping, not binding
+    async with grpc.aio.insecure_channel(f"{host}:{port}") as channel:
+        try:
+            response = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        except grpc.aio.AioRpcError as error:
+            print(f"unhealthy: {error.code().name}", file=sys.stderr)
+            return 1
+    serving = response.status == health_pb2.HealthCheckResponse.SERVING
+    print("SERVING" if serving else "NOT_SERVING")
+    return 0 if serving else 1
 
 
 def settings_table() -> str:

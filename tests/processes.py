@@ -95,12 +95,15 @@ class ServerProcess:
         await self.stop()
 
 
-async def run_server_expecting_failure(env: dict[str, str], limit_seconds: float = 60.0) -> tuple[int, str]:
-    """Run python -m server where it must refuse to start; return its exit code and all it printed."""
+async def run_server_command(
+    env: dict[str, str], limit_seconds: float = 60.0, command: str = "serve"
+) -> tuple[int, str]:
+    """Run python -m server COMMAND to completion (serve: where it must refuse to start); return code and output."""
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "server",
+        command,
         cwd=PROJECT_ROOT,
         env=server_env(env),
         stdout=asyncio.subprocess.PIPE,

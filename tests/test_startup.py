@@ -16,7 +16,7 @@ from deadletter.v1 import deadletter_pb2_grpc as pb_grpc
 from server.config import ConfigError, from_env
 from server.crypto import Keyring, generate_key
 from tests.conftest import SAMPLES
-from tests.processes import ServerProcess, free_port, run_server_expecting_failure
+from tests.processes import ServerProcess, free_port, run_server_command
 
 
 async def test_embedded_mode_starts_from_nothing_and_keeps_data_and_key_across_restarts(tmp_path: Path) -> None:
@@ -31,7 +31,10 @@ async def test_embedded_mode_starts_from_nothing_and_keeps_data_and_key_across_r
             stored = await pb_grpc.DeadLetterServiceStub(channel).Store(SAMPLES[0].store_request())
             health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
             assert health.status == health_pb2.HealthCheckResponse.SERVING
+        assert await run_server_command(env, command="healthcheck") == (0, "SERVING\n")
     assert first.returncode == 0
+    code, _ = await run_server_command(env, command="healthcheck")
+    assert code == 1
     assert "generated a new secret" in first.logs()
 
     key_file = data_dir / "encryption.key"
@@ -50,7 +53,7 @@ async def test_embedded_mode_starts_from_nothing_and_keeps_data_and_key_across_r
 
 
 async def test_database_url_without_a_key_refuses_to_start(database_url: str) -> None:
-    code, output = await run_server_expecting_failure({"DATABASE_URL": database_url})
+    code, output = await run_server_command({"DATABASE_URL": database_url})
     assert code == 2
     assert "DEADLETTER_ENCRYPTION_KEYS" in output
 
@@ -66,7 +69,7 @@ async def test_database_url_without_a_key_refuses_to_start(database_url: str) ->
     ids=["garbage", "short", "long", "second-bad"],
 )
 async def test_malformed_key_refuses_to_start_naming_the_setting(database_url: str, keys: str, problem: str) -> None:
-    code, output = await run_server_expecting_failure(
+    code, output = await run_server_command(
         {"DATABASE_URL": database_url, "DEADLETTER_ENCRYPTION_KEYS": keys}
     )
     assert code == 2
@@ -77,7 +80,7 @@ async def test_malformed_key_refuses_to_start_naming_the_setting(database_url: s
 
 
 async def test_unreachable_database_refuses_to_start(encryption_key: str) -> None:
-    code, output = await run_server_expecting_failure(
+    code, output = await run_server_command(
         {
             "DATABASE_URL": f"postgresql://nobody@127.0.0.1:{free_port()}/nothing",
             "DEADLETTER_ENCRYPTION_KEYS": encryption_key,
