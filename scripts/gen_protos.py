@@ -23,8 +23,12 @@ def generate(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     sources = sorted(str(p.relative_to(PROTOS)) for p in PROTOS.rglob("*.proto"))
     well_known = Path(grpc_tools.__file__).parent / "_proto"
+    # The mypy-protobuf plugins sit beside this interpreter; name them so no activated venv is needed.
+    plugins = Path(sys.executable).parent
     args = [
         "grpc_tools.protoc",
+        f"--plugin=protoc-gen-mypy={plugins / 'protoc-gen-mypy'}",
+        f"--plugin=protoc-gen-mypy_grpc={plugins / 'protoc-gen-mypy_grpc'}",
         f"-I{PROTOS}",
         f"-I{well_known}",
         f"--python_out={out}",

@@ -1,4 +1,4 @@
-"""Command line: ``python -m server [serve|migrate|generate-key|settings]``.
+"""Command line: ``python -m server [serve|migrate|mint-token|healthcheck|generate-key|settings]``.
 
 serve (the default) runs the gRPC server until SIGTERM or SIGINT, then shuts down gracefully.
 """
@@ -8,14 +8,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
+
+# gRPC core writes its own unstructured lines to stderr; keep only its errors beside our JSON logs.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 import grpc
 import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from server import app, config, logs
+from server import app, config, embedded, logs
+from server.auth import Role, generate_jwt_secret, mint_token
 from server.crypto import generate_key
 from server.errors import DatabaseUnavailable
 from server.migrate import MigrationError, migrate
@@ -23,18 +28,27 @@ from server.migrate import MigrationError, migrate
 log = logging.getLogger("deadletter")
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deadletter", description=__doc__)
     parser.add_argument(
         "command",
         nargs="?",
         default="serve",
-        choices=("serve", "migrate", "healthcheck", "generate-key", "settings"),
+        choices=("serve", "migrate", "mint-token", "healthcheck", "generate-key", "settings"),
         help="serve: run the server (default); migrate: apply pending migrations and exit; "
+        "mint-token: print a bearer token for local use (HS256, from the configured or embedded secret); "
         "healthcheck: exit 0 if the local server reports SERVING (for container health checks); "
         "generate-key: print a new base64 AES-256 key; settings: print the settings table",
     )
-    command = parser.parse_args(argv).command
+    parser.add_argument("--role", choices=[r.value for r in Role], default=Role.SERVICE.value, help="mint-token")
+    parser.add_argument("--subject", default="local-worker", help="mint-token: the sub claim")
+    parser.add_argument("--ttl", type=int, default=3600, help="mint-token: seconds until it expires")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    command = args.command
     if command == "generate-key":
         print(generate_key())
         return 0
@@ -48,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if command == "healthcheck":
         return asyncio.run(_healthcheck(settings))
+    if command == "mint-token":
+        return _mint_token(settings, args)
     logs.configure(settings.log_level)
     try:
         asyncio.run(_serve(settings) if command == "serve" else _migrate(settings))
@@ -60,10 +76,22 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _mint_token(settings: config.Settings, args: argparse.Namespace) -> int:
+    secret = settings.jwt_secret
+    if secret is None and settings.embedded:
+        secret = embedded.secret(settings.data_dir, "jwt.secret", generate_jwt_secret)
+    if secret is None:
+        print("deadletter: mint-token needs DEADLETTER_JWT_SECRET", file=sys.stderr)
+        return 2
+    print(mint_token(secret, Role(args.role), args.subject, args.ttl, settings.jwt_issuer, settings.jwt_audience))
+    return 0
+
+
 async def _migrate(settings: config.Settings) -> None:
-    if settings.database_url is None:
-        raise config.ConfigError("migrate needs DATABASE_URL (the embedded mode migrates when it serves)")
-    applied = await migrate(settings.database_url, settings.migrations_dir)
+    dsn = settings.migrations_database_url or settings.database_url
+    if dsn is None:
+        raise config.ConfigError("migrate needs DEADLETTER_MIGRATIONS_DATABASE_URL or DATABASE_URL")
+    applied = await migrate(dsn, settings.migrations_dir)
     log.info("migrations done", extra={"applied": applied})
 
 
@@ -85,6 +113,7 @@ async def _serve(settings: config.Settings) -> None:
     await stop.wait()
     log.info("shutting down", extra={"grace_seconds": settings.shutdown_grace_seconds})
     await application.stop()
+    log.info("stopped")
 
 
 async def _healthcheck(settings: config.Settings) -> int:

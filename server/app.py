@@ -14,20 +14,20 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from deadletter.v1 import deadletter_pb2, deadletter_pb2_grpc
+from deadletter.v1 import deadletter_pb2_grpc
 from server import embedded
-from server.config import Settings
+from server.access import SERVICE_NAME, AccessInterceptor
+from server.auth import TokenVerifier, generate_jwt_secret, read_public_key
+from server.config import ConfigError, Settings
 from server.crypto import Keyring, generate_key
 from server.domain import REQUEST_OVERHEAD_BYTES
-from server.migrate import migrate
+from server.migrate import check_login_role, migrate, provision_login_role
 from server.servicer import DeadLetterServicer
 from server.status import StatusInterceptor
 from server.store import Store, create_pool
 from server.vault import Vault
 
 log = logging.getLogger("deadletter")
-
-SERVICE_NAME = deadletter_pb2.DESCRIPTOR.services_by_name["DeadLetterService"].full_name
 
 
 @dataclass
@@ -55,40 +55,90 @@ class Application:
 
 
 async def start(settings: Settings) -> Application:
-    """Connect, migrate, and start serving; raises ConfigError or DatabaseUnavailable if it cannot."""
-    dsn, keys, embedded_postgres = await _database_and_keys(settings)
-    keyring = Keyring.parse(keys)
-    if settings.migrate_on_start:
-        await migrate(dsn, settings.migrations_dir)
-    pool = await create_pool(settings, dsn)
+    """Connect, migrate, and start serving; raises ConfigError, MigrationError or DatabaseUnavailable."""
+    secrets = await _database_and_secrets(settings)
+    keyring = Keyring.parse(secrets.encryption_keys)
+    verifier = TokenVerifier(
+        secret=secrets.jwt_secret,
+        public_key_pem=read_public_key(settings.jwt_public_key_file),
+        issuer=settings.jwt_issuer,
+        audience=settings.jwt_audience,
+        leeway_seconds=settings.jwt_leeway_seconds,
+    )
+    credentials = _server_credentials(settings)
+    if settings.migrate_on_start and secrets.migrations_dsn is not None:
+        await migrate(secrets.migrations_dsn, settings.migrations_dir)
+        if secrets.provision_login_role is not None:
+            await provision_login_role(secrets.migrations_dsn, secrets.provision_login_role)
+    pool = await create_pool(settings, secrets.dsn)
     try:
-        server, health_servicer = _grpc_server(
-            settings, Vault(Store(pool, settings.db_acquire_timeout_seconds), keyring)
+        async with pool.acquire() as conn:
+            await check_login_role(conn)
+        store = Store(pool, settings.db_acquire_timeout_seconds)
+        server, health_servicer = _grpc_server(settings, Vault(store, keyring), AccessInterceptor(verifier, store))
+        port = (
+            server.add_secure_port(settings.listen, credentials)
+            if credentials
+            else server.add_insecure_port(settings.listen)
         )
-        port = server.add_insecure_port(settings.listen)
         await server.start()
     except BaseException:
         await pool.close()
         raise
     for service in ("", SERVICE_NAME):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
-    return Application(settings, server, health_servicer, pool, port, embedded_postgres)
+    return Application(settings, server, health_servicer, pool, port, secrets.embedded_postgres)
 
 
-async def _database_and_keys(settings: Settings) -> tuple[str, str, Any]:
+@dataclass(frozen=True)
+class _Secrets:
+    dsn: str
+    migrations_dsn: str | None
+    encryption_keys: str
+    jwt_secret: str | None
+    provision_login_role: str | None = None
+    embedded_postgres: Any = None
+
+
+async def _database_and_secrets(settings: Settings) -> _Secrets:
     if settings.database_url is not None:
         assert settings.encryption_keys is not None  # config.from_env enforces this
-        return settings.database_url, settings.encryption_keys, None
+        return _Secrets(
+            settings.database_url, settings.migrations_database_url, settings.encryption_keys, settings.jwt_secret
+        )
     server = await asyncio.to_thread(embedded.start_postgres, settings.data_dir)
-    dsn = await embedded.database_url(server)
-    keys = settings.encryption_keys or embedded.secret(settings.data_dir, "encryption.key", generate_key)
-    return dsn, keys, server
+    owner = await embedded.owner_database_url(server)
+    return _Secrets(
+        dsn=embedded.with_user(owner, embedded.LOGIN_ROLE),
+        migrations_dsn=owner,
+        encryption_keys=settings.encryption_keys or embedded.secret(settings.data_dir, "encryption.key", generate_key),
+        jwt_secret=settings.jwt_secret or embedded.secret(settings.data_dir, "jwt.secret", generate_jwt_secret),
+        provision_login_role=embedded.LOGIN_ROLE,
+        embedded_postgres=server,
+    )
 
 
-def _grpc_server(settings: Settings, vault: Vault) -> tuple[grpc.aio.Server, HealthServicer]:
+def _server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    if settings.tls_cert_file is None or settings.tls_key_file is None:
+        return None
+    try:
+        chain = settings.tls_cert_file.read_bytes()
+        key = settings.tls_key_file.read_bytes()
+        client_ca = settings.tls_client_ca_file.read_bytes() if settings.tls_client_ca_file else None
+    except OSError as error:
+        raise ConfigError(f"cannot read a TLS file: {error.filename}") from None
+    return grpc.ssl_server_credentials(
+        [(key, chain)], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
+
+
+def _grpc_server(
+    settings: Settings, vault: Vault, access_interceptor: AccessInterceptor
+) -> tuple[grpc.aio.Server, HealthServicer]:
     receive_limit = settings.max_payload_bytes + REQUEST_OVERHEAD_BYTES
     server = grpc.aio.server(
-        interceptors=[StatusInterceptor((f"/{SERVICE_NAME}/",))],
+        # The status interceptor is outermost, so refusals are mapped and logged like every other outcome.
+        interceptors=[StatusInterceptor((f"/{SERVICE_NAME}/",)), access_interceptor],
         options=[
             ("grpc.max_receive_message_length", receive_limit),
             ("grpc.max_send_message_length", receive_limit),

@@ -25,6 +25,8 @@ class Settings:
     """Validated settings. Build with from_env(); tests construct it directly."""
 
     database_url: str | None = None
+    # The table owner's DSN, for migrations; the server's own login role must not own the tables.
+    migrations_database_url: str | None = None
     listen: str = "127.0.0.1:50051"
     # Comma-separated base64 keys, newest first; parsed into a Keyring by server.crypto.
     encryption_keys: str | None = None
@@ -38,6 +40,19 @@ class Settings:
     db_statement_timeout_seconds: float = 30.0
     shutdown_grace_seconds: float = 10.0
     log_level: str = "INFO"
+    jwt_secret: str | None = None
+    jwt_public_key_file: Path | None = None
+    jwt_issuer: str | None = None
+    jwt_audience: str | None = None
+    jwt_leeway_seconds: float = 30.0
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_client_ca_file: Path | None = None
+    allow_plaintext: bool = False
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert_file is not None
 
     @property
     def embedded(self) -> bool:
@@ -61,6 +76,30 @@ VARIABLES: tuple[_Var, ...] = (
         "(required with DATABASE_URL)",
         "Comma-separated base64 AES-256 keys (32 bytes each), newest first; the first encrypts.",
     ),
+    _Var(
+        PREFIX + "MIGRATIONS_DATABASE_URL",
+        "(unset: no migrations at start)",
+        "DSN of the tables' owner, for migrations. The server's own DATABASE_URL role must not own them.",
+    ),
+    _Var(
+        PREFIX + "JWT_SECRET",
+        "(required with DATABASE_URL, or a public key)",
+        "HS256 secret (32+ bytes) that verifies callers' bearer tokens.",
+    ),
+    _Var(PREFIX + "JWT_PUBLIC_KEY_FILE", "(unset)", "PEM RSA or P-256 public key: RS256/ES256 tokens."),
+    _Var(PREFIX + "JWT_ISSUER", "(unset: not checked)", "Required iss claim."),
+    _Var(PREFIX + "JWT_AUDIENCE", "(unset: not checked)", "Required aud claim."),
+    _Var(PREFIX + "JWT_LEEWAY_SECONDS", "30", "Clock skew allowed on exp, nbf and iat."),
+    _Var(PREFIX + "TLS_CERT_FILE", "(unset: plaintext)", "PEM certificate chain; serve TLS."),
+    _Var(PREFIX + "TLS_KEY_FILE", "(unset)", "PEM private key of the certificate."),
+    _Var(
+        PREFIX + "TLS_CLIENT_CA_FILE", "(unset: no client certificates)", "PEM CA; require client certificates (mTLS)."
+    ),
+    _Var(
+        PREFIX + "ALLOW_PLAINTEXT",
+        "false",
+        "Serve plaintext on a non-loopback address (only behind something that encrypts, e.g. a mesh).",
+    ),
     _Var(PREFIX + "DATA_DIR", "./.deadletter", "Embedded mode only: PostgreSQL data and generated keys."),
     _Var(PREFIX + "MIGRATIONS_DIR", "./migrations", "Folder of ordered .sql migrations."),
     _Var(PREFIX + "MIGRATE_ON_START", "true", "Apply pending migrations at start."),
@@ -80,6 +119,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
     reader = _Reader(env)
     settings = Settings(
         database_url=reader.text("DATABASE_URL"),
+        migrations_database_url=reader.text(PREFIX + "MIGRATIONS_DATABASE_URL"),
         listen=reader.text(PREFIX + "LISTEN") or Settings.listen,
         encryption_keys=reader.text(PREFIX + "ENCRYPTION_KEYS"),
         data_dir=reader.path(PREFIX + "DATA_DIR", Settings.data_dir),
@@ -96,13 +136,39 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         ),
         shutdown_grace_seconds=reader.seconds(PREFIX + "SHUTDOWN_GRACE_SECONDS", Settings.shutdown_grace_seconds),
         log_level=reader.choice(PREFIX + "LOG_LEVEL", Settings.log_level, ("DEBUG", "INFO", "WARNING", "ERROR")),
+        jwt_secret=reader.text(PREFIX + "JWT_SECRET"),
+        jwt_public_key_file=reader.optional_path(PREFIX + "JWT_PUBLIC_KEY_FILE"),
+        jwt_issuer=reader.text(PREFIX + "JWT_ISSUER"),
+        jwt_audience=reader.text(PREFIX + "JWT_AUDIENCE"),
+        jwt_leeway_seconds=reader.seconds(PREFIX + "JWT_LEEWAY_SECONDS", Settings.jwt_leeway_seconds, allow_zero=True),
+        tls_cert_file=reader.optional_path(PREFIX + "TLS_CERT_FILE"),
+        tls_key_file=reader.optional_path(PREFIX + "TLS_KEY_FILE"),
+        tls_client_ca_file=reader.optional_path(PREFIX + "TLS_CLIENT_CA_FILE"),
+        allow_plaintext=reader.boolean(PREFIX + "ALLOW_PLAINTEXT", Settings.allow_plaintext),
     )
     _check_listen(settings.listen)
     if settings.db_pool_min_size > settings.db_pool_max_size:
         raise ConfigError(f"{PREFIX}DB_POOL_MIN_SIZE must not exceed {PREFIX}DB_POOL_MAX_SIZE")
     if not settings.embedded and not settings.encryption_keys:
         raise ConfigError(f"{PREFIX}ENCRYPTION_KEYS is required when DATABASE_URL is set")
+    if not settings.embedded and not (settings.jwt_secret or settings.jwt_public_key_file):
+        raise ConfigError(f"{PREFIX}JWT_SECRET or {PREFIX}JWT_PUBLIC_KEY_FILE is required when DATABASE_URL is set")
+    _check_transport(settings)
     return settings
+
+
+def _check_transport(settings: Settings) -> None:
+    if (settings.tls_cert_file is None) != (settings.tls_key_file is None):
+        raise ConfigError(f"{PREFIX}TLS_CERT_FILE and {PREFIX}TLS_KEY_FILE go together")
+    if settings.tls_client_ca_file is not None and not settings.tls:
+        raise ConfigError(f"{PREFIX}TLS_CLIENT_CA_FILE needs {PREFIX}TLS_CERT_FILE and {PREFIX}TLS_KEY_FILE")
+    host = settings.listen.rpartition(":")[0].strip("[]")
+    loopback = host == "localhost" or host == "::1" or host.startswith("127.")
+    if not settings.tls and not loopback and not settings.allow_plaintext:
+        raise ConfigError(
+            f"{PREFIX}LISTEN is not a loopback address: configure {PREFIX}TLS_CERT_FILE and {PREFIX}TLS_KEY_FILE, "
+            f"or set {PREFIX}ALLOW_PLAINTEXT=true if something else encrypts the traffic"
+        )
 
 
 def _check_listen(listen: str) -> None:
@@ -123,6 +189,10 @@ class _Reader:
         value = self.text(name)
         return Path(value).expanduser().resolve() if value else default
 
+    def optional_path(self, name: str) -> Path | None:
+        value = self.text(name)
+        return Path(value).expanduser().resolve() if value else None
+
     def boolean(self, name: str, default: bool) -> bool:
         value = self.text(name)
         if value is None:
@@ -141,7 +211,7 @@ class _Reader:
             raise ConfigError(f"{name} must be a whole number from {low} to {high}")
         return int(value)
 
-    def seconds(self, name: str, default: float) -> float:
+    def seconds(self, name: str, default: float, *, allow_zero: bool = False) -> float:
         value = self.text(name)
         if value is None:
             return default
@@ -149,8 +219,8 @@ class _Reader:
             seconds = float(value)
         except ValueError:
             seconds = -1.0
-        if not 0 < seconds <= 3600:
-            raise ConfigError(f"{name} must be a number of seconds above 0 and at most 3600")
+        if not (seconds >= 0 if allow_zero else seconds > 0) or seconds > 3600:
+            raise ConfigError(f"{name} must be a number of seconds from {0 if allow_zero else 'above 0'} to 3600")
         return seconds
 
     def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:

@@ -12,12 +12,15 @@ import os
 import warnings
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
 log = logging.getLogger("deadletter.embedded")
 
 DATABASE = "deadletter"
+# The embedded mode's server logs in as this role, never as the superuser that owns the tables.
+LOGIN_ROLE = "deadletter_app"
 
 
 def start_postgres(data_dir: Path) -> Any:
@@ -31,8 +34,8 @@ def start_postgres(data_dir: Path) -> Any:
         return pgserver.get_server(data_dir / "postgres", cleanup_mode="stop")
 
 
-async def database_url(server: Any) -> str:
-    """Create the service's database in the embedded server if needed and return its DSN."""
+async def owner_database_url(server: Any) -> str:
+    """Create the service's database in the embedded server if needed and return the owner's DSN."""
     conn = await asyncpg.connect(server.get_uri("postgres"))
     try:
         exists = await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", DATABASE)
@@ -42,6 +45,13 @@ async def database_url(server: Any) -> str:
         await conn.close()
     uri: str = server.get_uri(DATABASE)
     return uri
+
+
+def with_user(dsn: str, user: str) -> str:
+    """The same DSN logging in as another user (no password: the embedded server trusts local sockets)."""
+    parts = urlsplit(dsn)
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit((parts.scheme, f"{user}@{host}", parts.path, parts.query, parts.fragment))
 
 
 def secret(data_dir: Path, name: str, generate: Any) -> str:

@@ -1,14 +1,19 @@
-"""Domain errors: one base class, each carrying the data its status message needs.
+"""Domain errors: one base class, each carrying the data its message needs and the status it maps to.
 
 Messages are built only from ids, field names and limits. They must never include payloads, headers, keys or
-tokens: they travel to the caller and into logs. server/status.py maps each class to a gRPC status code.
+tokens: they travel to the caller, into logs and into audit rows. ``code`` names the gRPC status code;
+server/status.py is the one place that turns it into a gRPC status.
 """
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 
 class DeadLetterError(Exception):
     """Base of every error the service reports to callers on purpose."""
+
+    code: ClassVar[str] = "INTERNAL"
 
     @property
     def message(self) -> str:
@@ -17,6 +22,8 @@ class DeadLetterError(Exception):
 
 class InvalidArgument(DeadLetterError):
     """A request field is missing or malformed."""
+
+    code = "INVALID_ARGUMENT"
 
     def __init__(self, field: str, reason: str) -> None:
         super().__init__(f"{field}: {reason}")
@@ -27,6 +34,8 @@ class InvalidArgument(DeadLetterError):
 class NotFound(DeadLetterError):
     """No dead letter has this id."""
 
+    code = "NOT_FOUND"
+
     def __init__(self, record_id: str) -> None:
         super().__init__(f"dead letter {record_id} not found")
         self.record_id = record_id
@@ -35,6 +44,8 @@ class NotFound(DeadLetterError):
 class IdempotencyConflict(DeadLetterError):
     """The idempotency key was already used for a Store with different content."""
 
+    code = "ALREADY_EXISTS"
+
     def __init__(self, existing_id: str) -> None:
         super().__init__(f"idempotency_key was already used by dead letter {existing_id} with different content")
         self.existing_id = existing_id
@@ -42,6 +53,8 @@ class IdempotencyConflict(DeadLetterError):
 
 class RecordCorrupted(DeadLetterError):
     """A stored ciphertext failed authentication: altered, truncated, or copied from another record."""
+
+    code = "DATA_LOSS"
 
     def __init__(self, record_id: str) -> None:
         super().__init__(
@@ -54,6 +67,8 @@ class RecordCorrupted(DeadLetterError):
 class KeyUnavailable(DeadLetterError):
     """A record names an encryption key that is not in the configured keyring."""
 
+    code = "INTERNAL"
+
     def __init__(self, record_id: str, key_id: str) -> None:
         super().__init__(
             f"dead letter {record_id} is encrypted with key {key_id}, which is not in the configured keyring"
@@ -65,9 +80,25 @@ class KeyUnavailable(DeadLetterError):
 class Aborted(DeadLetterError):
     """A concurrent change got in the way; the caller may retry the same request."""
 
+    code = "ABORTED"
+
+
+class Unauthenticated(DeadLetterError):
+    """No bearer token, or one that fails verification."""
+
+    code = "UNAUTHENTICATED"
+
+
+class PermissionDenied(DeadLetterError):
+    """A valid token whose role may not call this method."""
+
+    code = "PERMISSION_DENIED"
+
 
 class DatabaseUnavailable(DeadLetterError):
     """The database could not be reached or gave no connection in time; nothing was committed."""
+
+    code = "UNAVAILABLE"
 
     def __init__(self) -> None:
         super().__init__("the database is unavailable; nothing was written, retry later")

@@ -102,3 +102,56 @@ async def _apply_pending(conn: asyncpg.Connection, migrations: list[Migration]) 
         log.info("migration applied", extra={"migration": migration.name})
         applied.append(migration.name)
     return applied
+
+
+_ROLE_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+
+
+async def provision_login_role(owner_dsn: str, name: str) -> None:
+    """Create (if needed) the server's login role: LOGIN, NOINHERIT, member of both access roles, nothing else.
+
+    Production databases do the same by hand (see the README); the embedded mode and the tests call this.
+    """
+    if not _ROLE_NAME.match(name):
+        raise MigrationError(f"login role name {name!r} must be a lowercase SQL identifier")
+    with translate_errors():
+        conn = await asyncpg.connect(owner_dsn)
+    try:
+        # Identifiers cannot be bound as parameters; the name was checked against _ROLE_NAME above.
+        await conn.execute(
+            f"""
+            DO $$ BEGIN
+                IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{name}') THEN
+                    CREATE ROLE {name} LOGIN NOINHERIT;
+                END IF;
+            END $$;
+            GRANT deadletter_service, deadletter_admin TO {name};
+            """
+        )
+    finally:
+        await conn.close()
+
+
+async def check_login_role(conn: asyncpg.Connection | asyncpg.pool.PoolConnectionProxy) -> None:
+    """Refuse a login role that would let a bug bypass row-level security, or that cannot act as either role."""
+    row = await conn.fetchrow(
+        """
+        SELECT r.rolname, r.rolsuper, r.rolbypassrls,
+               (SELECT t.tableowner FROM pg_tables t WHERE t.tablename = 'dead_letter_queue'
+                 AND t.schemaname = current_schema()) AS owner,
+               pg_has_role(current_user, 'deadletter_service', 'MEMBER') AS service,
+               pg_has_role(current_user, 'deadletter_admin', 'MEMBER') AS admin
+        FROM pg_roles r WHERE r.rolname = current_user
+        """
+    )
+    assert row is not None  # current_user is always in pg_roles
+    name = row["rolname"]
+    if row["owner"] is None:
+        raise MigrationError("dead_letter_queue does not exist: run `python -m server migrate` as the owner first")
+    if row["rolsuper"] or row["rolbypassrls"] or row["owner"] == name:
+        raise MigrationError(
+            f"DATABASE_URL logs in as {name}, which is a superuser, bypasses row-level security or owns the "
+            "tables; connect as a login role made for the server (see the README, 'Database roles')"
+        )
+    if not (row["service"] and row["admin"]):
+        raise MigrationError(f"login role {name} must be granted deadletter_service and deadletter_admin")

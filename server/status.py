@@ -20,24 +20,11 @@ from server import errors, logs
 
 log = logging.getLogger("deadletter.rpc")
 
-_CODES: dict[type[errors.DeadLetterError], grpc.StatusCode] = {
-    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
-    errors.NotFound: grpc.StatusCode.NOT_FOUND,
-    errors.IdempotencyConflict: grpc.StatusCode.ALREADY_EXISTS,
-    errors.RecordCorrupted: grpc.StatusCode.DATA_LOSS,
-    errors.KeyUnavailable: grpc.StatusCode.INTERNAL,
-    errors.Aborted: grpc.StatusCode.ABORTED,
-    errors.DatabaseUnavailable: grpc.StatusCode.UNAVAILABLE,
-}
-
 Behavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
 
 
 def status_code(error: errors.DeadLetterError) -> grpc.StatusCode:
-    for cls in type(error).__mro__:
-        if cls in _CODES:
-            return _CODES[cls]
-    return grpc.StatusCode.INTERNAL
+    return grpc.StatusCode[error.code]
 
 
 class StatusInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]  # generic only in the stubs

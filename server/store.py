@@ -1,6 +1,8 @@
 """The PostgreSQL store: runs the named queries in server/sql and translates driver errors at this boundary.
 
-It handles ciphertext only; encryption happens in the vault before anything reaches here. Connection
+It handles ciphertext only; encryption happens in the vault before anything reaches here. Every request runs
+in one transaction that first switches to the caller's database role (SET LOCAL semantics), so PostgreSQL's
+row-level security applies to it independently of the gRPC interceptor. Connection
 failures and pool time-outs become DatabaseUnavailable (UNAVAILABLE to the caller): a Store that raises has
 not been committed, and one that returns has.
 """
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -16,6 +19,8 @@ from datetime import datetime
 
 import asyncpg
 
+from server.audit import Actor, AuditEntry
+from server.auth import Role
 from server.config import Settings
 from server.domain import Cursor, DeadLetter, ListFilter, Provider
 from server.errors import DatabaseUnavailable
@@ -74,40 +79,66 @@ async def create_pool(settings: Settings, dsn: str) -> asyncpg.Pool:
         )
 
 
+# The database roles (migrations/0002) that carry each caller role's privileges.
+DB_ROLES = {Role.SERVICE: "deadletter_service", Role.ADMIN: "deadletter_admin"}
+
+
 class Store:
-    """Reads and writes dead_letter_queue through a pool."""
+    """Opens role-scoped transactions on dead_letter_queue and audit_log."""
 
     def __init__(self, pool: asyncpg.Pool, acquire_timeout: float) -> None:
         self._pool = pool
         self._acquire_timeout = acquire_timeout
 
-    async def insert(self, record: NewRecord) -> datetime | None:
-        """Insert and commit; return failed_at, or None if the idempotency key is already taken."""
-        async with self._connection() as conn:
-            failed_at: datetime | None = await conn.fetchval(
-                QUERIES["insert_dead_letter"],
-                record.id,
-                record.event_id,
-                record.provider.value,
-                record.received_at,
-                record.correlation_id,
-                record.payload_encrypted,
-                record.headers_encrypted,
-                record.payload_size_bytes,
-                record.error_message,
-                record.retry_count,
-                record.idempotency_key,
-            )
+    @contextlib.asynccontextmanager
+    async def transaction(self, role: Role, subject: str) -> AsyncIterator[Transaction]:
+        """One transaction as the caller's database role; commits when the block ends without an error."""
+        with translate_errors():
+            async with self._pool.acquire(timeout=self._acquire_timeout) as conn, conn.transaction():
+                await conn.execute(QUERIES["act_as"], DB_ROLES[role], subject)
+                yield Transaction(conn)
+
+    async def audit(self, entry: AuditEntry) -> None:
+        """Record an entry on its own, for calls that touch nothing else (denied ones)."""
+        # The server writes these on its own behalf: a denied caller has no role of its own to write with.
+        async with self.transaction(Role.SERVICE, entry.actor.subject) as tx:
+            await tx.audit(entry)
+
+
+class Transaction:
+    """The queries of one request, all inside its transaction."""
+
+    def __init__(self, conn: asyncpg.pool.PoolConnectionProxy) -> None:
+        self._conn = conn
+
+    async def insert(self, record: NewRecord, actor: Actor) -> datetime | None:
+        """Insert the record with its 'stored' audit row; None if the idempotency key is already taken."""
+        failed_at: datetime | None = await self._conn.fetchval(
+            QUERIES["insert_dead_letter"],
+            record.id,
+            record.event_id,
+            record.provider.value,
+            record.received_at,
+            record.correlation_id,
+            record.payload_encrypted,
+            record.headers_encrypted,
+            record.payload_size_bytes,
+            record.error_message,
+            record.retry_count,
+            record.idempotency_key,
+            actor.subject,
+            actor.role or "",
+            actor.peer,
+            actor.method,
+        )
         return failed_at
 
     async def get(self, record_id: uuid.UUID) -> SealedRecord | None:
-        async with self._connection() as conn:
-            row = await conn.fetchrow(QUERIES["get_dead_letter"], record_id)
+        row = await self._conn.fetchrow(QUERIES["get_dead_letter"], record_id)
         return None if row is None else _sealed(row)
 
     async def get_by_idempotency_key(self, key: str) -> SealedRecord | None:
-        async with self._connection() as conn:
-            row = await conn.fetchrow(QUERIES["get_dead_letter_by_idempotency_key"], key)
+        row = await self._conn.fetchrow(QUERIES["get_dead_letter_by_idempotency_key"], key)
         return None if row is None else _sealed(row)
 
     async def list(self, filters: ListFilter, after: Cursor | None, limit: int) -> list[DeadLetter]:
@@ -123,15 +154,24 @@ class Store:
         if filters.provider is not None:
             query = QUERIES["list_dead_letters_by_provider"]
             args.append(filters.provider.value)
-        async with self._connection() as conn:
-            rows = await conn.fetch(query, *args)
-        return [_meta(row) for row in rows]
+        return [_meta(row) for row in await self._conn.fetch(query, *args)]
 
-    @contextlib.asynccontextmanager
-    async def _connection(self) -> AsyncIterator[asyncpg.pool.PoolConnectionProxy]:
-        with translate_errors():
-            async with self._pool.acquire(timeout=self._acquire_timeout) as conn:
-                yield conn
+    async def audit(self, entry: AuditEntry) -> None:
+        actor = entry.actor
+        await self._conn.execute(
+            QUERIES["insert_audit"],
+            actor.subject,
+            actor.role or "",
+            actor.peer,
+            actor.method,
+            entry.action.value,
+            entry.outcome,
+            [uuid.UUID(i) for i in entry.dead_letter_ids],
+            entry.event_id,
+            entry.provider,
+            entry.correlation_id,
+            json.dumps(entry.metadata),
+        )
 
 
 @contextlib.contextmanager

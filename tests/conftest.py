@@ -26,9 +26,14 @@ import pytest
 from deadletter.v1 import deadletter_pb2 as pb
 from deadletter.v1 import deadletter_pb2_grpc as pb_grpc
 from server import app
+from server.auth import Role, generate_jwt_secret, mint_token
 from server.config import PROJECT_ROOT, Settings
 from server.crypto import generate_key
-from server.migrate import migrate
+from server.embedded import with_user
+from server.migrate import migrate, provision_login_role
+
+# The server's login role in tests: LOGIN NOINHERIT, no privilege but membership of the two access roles.
+APP_ROLE = "deadletter_test_app"
 
 if TYPE_CHECKING:
     from deadletter.v1.deadletter_pb2_grpc import DeadLetterServiceAsyncStub as Stub
@@ -118,20 +123,27 @@ async def template_database(admin_dsn: str) -> AsyncIterator[str]:
     await _admin(admin_dsn, f'CREATE DATABASE "{name}"')
     try:
         await migrate(with_database(admin_dsn, name), PROJECT_ROOT / "migrations")
+        await provision_login_role(admin_dsn, APP_ROLE)
         yield name
     finally:
         await _admin(admin_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture
-async def database_url(admin_dsn: str, template_database: str) -> AsyncIterator[str]:
-    """A fresh, migrated database for one test."""
+async def owner_database_url(admin_dsn: str, template_database: str) -> AsyncIterator[str]:
+    """A fresh, migrated database for one test, as its owner (the DSN migrations use)."""
     name = f"deadletter_test_{uuid.uuid4().hex[:12]}"
     await _admin(admin_dsn, f'CREATE DATABASE "{name}" TEMPLATE "{template_database}"')
     try:
         yield with_database(admin_dsn, name)
     finally:
         await _admin(admin_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def database_url(owner_database_url: str) -> str:
+    """The test's database as the server sees it: through its unprivileged login role."""
+    return with_user(owner_database_url, APP_ROLE)
 
 
 @pytest.fixture
@@ -146,9 +158,9 @@ async def empty_database_url(admin_dsn: str) -> AsyncIterator[str]:
 
 
 @pytest.fixture
-async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
-    """A direct connection to the test's database, for checking what was (not) written."""
-    conn = await asyncpg.connect(database_url)
+async def db(owner_database_url: str) -> AsyncIterator[asyncpg.Connection]:
+    """A direct connection to the test's database as its owner, for checking what was (not) written."""
+    conn = await asyncpg.connect(owner_database_url)
     try:
         yield conn
     finally:
@@ -160,10 +172,35 @@ def encryption_key() -> str:
     return generate_key()
 
 
+JWT_SECRET = generate_jwt_secret()
+
+
+def token(role: Role = Role.SERVICE, subject: str = "test-worker", ttl: int = 600) -> str:
+    return mint_token(JWT_SECRET, role, subject, ttl)
+
+
+class BearerToken(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[type-arg]
+    """Adds 'authorization: Bearer <token>' to every call on a channel."""
+
+    def __init__(self, bearer: str) -> None:
+        self._metadata = (("authorization", f"Bearer {bearer}"),)
+
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        details = details._replace(metadata=tuple(details.metadata or ()) + self._metadata)
+        return await continuation(details, request)
+
+
+def channel_to(address: str, bearer: str | None = None, **kwargs: Any) -> grpc.aio.Channel:
+    interceptors: Any = [BearerToken(bearer)] if bearer else None
+    options = [("grpc.max_send_message_length", 64 << 20)]
+    return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors, **kwargs)
+
+
 def settings_for(database_url: str, encryption_keys: str, **overrides: Any) -> Settings:
     values: dict[str, Any] = {
         "database_url": database_url,
         "encryption_keys": encryption_keys,
+        "jwt_secret": JWT_SECRET,
         "listen": "127.0.0.1:0",
         "migrate_on_start": False,
         "db_acquire_timeout_seconds": 2.0,
@@ -184,15 +221,20 @@ async def server(database_url: str, encryption_key: str) -> AsyncIterator[app.Ap
 
 @pytest.fixture
 async def channel(server: app.Application) -> AsyncIterator[grpc.aio.Channel]:
-    async with grpc.aio.insecure_channel(
-        server.address, options=[("grpc.max_send_message_length", 64 << 20)]
-    ) as channel:
+    """A channel that calls as the service role."""
+    async with channel_to(server.address, token(Role.SERVICE)) as channel:
         yield channel
 
 
 @pytest.fixture
 def stub(channel: grpc.aio.Channel) -> Stub:
     return pb_grpc.DeadLetterServiceStub(channel)
+
+
+@pytest.fixture
+async def admin_stub(server: app.Application) -> AsyncIterator[Stub]:
+    async with channel_to(server.address, token(Role.ADMIN, "compliance-officer@clinic.example")) as channel:
+        yield pb_grpc.DeadLetterServiceStub(channel)
 
 
 async def row_count(db: asyncpg.Connection) -> int:

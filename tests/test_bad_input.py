@@ -14,7 +14,7 @@ from deadletter.v1 import deadletter_pb2 as pb
 from deadletter.v1 import deadletter_pb2_grpc as pb_grpc
 from server import app
 from server.domain import MAX_ERROR_MESSAGE_CHARS, MAX_EVENT_ID_CHARS, MAX_HEADERS_BYTES, REQUEST_OVERHEAD_BYTES
-from tests.conftest import SAMPLES, row_count
+from tests.conftest import SAMPLES, channel_to, row_count, token
 
 if TYPE_CHECKING:
     from deadletter.v1.deadletter_pb2_grpc import DeadLetterServiceAsyncStub as Stub
@@ -82,7 +82,7 @@ async def test_configured_payload_limit_sets_validation_and_receive_limit(
 
     small = await app.start(settings_for(database_url, encryption_key, max_payload_bytes=1000))
     try:
-        async with grpc.aio.insecure_channel(small.address) as channel:
+        async with channel_to(small.address, token()) as channel:
             stub = pb_grpc.DeadLetterServiceStub(channel)
             with pytest.raises(grpc.aio.AioRpcError) as over:
                 await stub.Store(SAMPLE.store_request(payload=b"x" * 1001))

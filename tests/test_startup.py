@@ -6,16 +6,15 @@ import base64
 import stat
 from pathlib import Path
 
-import grpc
-import grpc.aio
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from deadletter.v1 import deadletter_pb2 as pb
 from deadletter.v1 import deadletter_pb2_grpc as pb_grpc
+from server.auth import Role, mint_token
 from server.config import ConfigError, from_env
 from server.crypto import Keyring, generate_key
-from tests.conftest import SAMPLES
+from tests.conftest import JWT_SECRET, SAMPLES, channel_to
 from tests.processes import ServerProcess, free_port, run_server_command
 
 
@@ -27,7 +26,8 @@ async def test_embedded_mode_starts_from_nothing_and_keeps_data_and_key_across_r
         assert "embedded PostgreSQL" in first.banner
         assert "grpcurl -plaintext" in first.banner
         address = env["DEADLETTER_LISTEN"]
-        async with grpc.aio.insecure_channel(address) as channel:
+        bearer = mint_token((data_dir / "jwt.secret").read_text().strip(), Role.SERVICE, "embedded-test", 60)
+        async with channel_to(address, bearer) as channel:
             stored = await pb_grpc.DeadLetterServiceStub(channel).Store(SAMPLES[0].store_request())
             health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
             assert health.status == health_pb2.HealthCheckResponse.SERVING
@@ -43,7 +43,7 @@ async def test_embedded_mode_starts_from_nothing_and_keeps_data_and_key_across_r
     Keyring.parse(key)  # a valid 32-byte key
 
     async with ServerProcess(env) as second:
-        async with grpc.aio.insecure_channel(address) as channel:
+        async with channel_to(address, bearer) as channel:
             got = await pb_grpc.DeadLetterServiceStub(channel).Get(pb.GetRequest(id=stored.id))
         assert got.payload == SAMPLES[0].body
     assert second.returncode == 0
@@ -53,7 +53,7 @@ async def test_embedded_mode_starts_from_nothing_and_keeps_data_and_key_across_r
 
 
 async def test_database_url_without_a_key_refuses_to_start(database_url: str) -> None:
-    code, output = await run_server_command({"DATABASE_URL": database_url})
+    code, output = await run_server_command({"DATABASE_URL": database_url, "DEADLETTER_JWT_SECRET": JWT_SECRET})
     assert code == 2
     assert "DEADLETTER_ENCRYPTION_KEYS" in output
 
@@ -70,7 +70,7 @@ async def test_database_url_without_a_key_refuses_to_start(database_url: str) ->
 )
 async def test_malformed_key_refuses_to_start_naming_the_setting(database_url: str, keys: str, problem: str) -> None:
     code, output = await run_server_command(
-        {"DATABASE_URL": database_url, "DEADLETTER_ENCRYPTION_KEYS": keys}
+        {"DATABASE_URL": database_url, "DEADLETTER_ENCRYPTION_KEYS": keys, "DEADLETTER_JWT_SECRET": JWT_SECRET}
     )
     assert code == 2
     assert "DEADLETTER_ENCRYPTION_KEYS" in output
@@ -84,6 +84,7 @@ async def test_unreachable_database_refuses_to_start(encryption_key: str) -> Non
         {
             "DATABASE_URL": f"postgresql://nobody@127.0.0.1:{free_port()}/nothing",
             "DEADLETTER_ENCRYPTION_KEYS": encryption_key,
+            "DEADLETTER_JWT_SECRET": JWT_SECRET,
         }
     )
     assert code == 1
@@ -113,6 +114,11 @@ def test_bad_settings_name_the_variable(env: dict[str, str], variable: str) -> N
     with pytest.raises(ConfigError) as caught:
         from_env(env)
     assert variable in str(caught.value)
+
+
+def test_database_url_without_a_way_to_verify_tokens_is_refused() -> None:
+    with pytest.raises(ConfigError, match="DEADLETTER_JWT_SECRET"):
+        from_env({"DATABASE_URL": "postgresql://x@h/db", "DEADLETTER_ENCRYPTION_KEYS": generate_key()})
 
 
 def test_defaults_are_the_embedded_mode_on_loopback() -> None:

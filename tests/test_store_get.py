@@ -15,7 +15,7 @@ from deadletter.v1 import deadletter_pb2 as pb
 from deadletter.v1 import deadletter_pb2_grpc as pb_grpc
 from server import app
 from server.crypto import generate_key, key_id
-from tests.conftest import SAMPLES, Sample, row_count, settings_for
+from tests.conftest import SAMPLES, Sample, channel_to, row_count, settings_for, token
 
 if TYPE_CHECKING:
     from deadletter.v1.deadletter_pb2_grpc import DeadLetterServiceAsyncStub as Stub
@@ -134,14 +134,14 @@ async def test_keyring_reads_records_written_under_old_and_new_keys(database_url
     old, new = generate_key(), generate_key()
     before = await _serve(database_url, old)
     try:
-        async with grpc.aio.insecure_channel(before.address) as channel:
+        async with channel_to(before.address, token()) as channel:
             old_id = (await pb_grpc.DeadLetterServiceStub(channel).Store(SAMPLES[0].store_request())).id
     finally:
         await before.stop(0)
 
     rotated = await _serve(database_url, f"{new},{old}")
     try:
-        async with grpc.aio.insecure_channel(rotated.address) as channel:
+        async with channel_to(rotated.address, token()) as channel:
             stub = pb_grpc.DeadLetterServiceStub(channel)
             new_id = (await stub.Store(SAMPLES[1].store_request())).id
             assert (await stub.Get(pb.GetRequest(id=old_id))).payload == SAMPLES[0].body
@@ -159,14 +159,14 @@ async def test_record_under_a_key_no_longer_configured_names_the_key(database_ur
     old = generate_key()
     first = await _serve(database_url, old)
     try:
-        async with grpc.aio.insecure_channel(first.address) as channel:
+        async with channel_to(first.address, token()) as channel:
             stored_id = (await pb_grpc.DeadLetterServiceStub(channel).Store(SAMPLES[0].store_request())).id
     finally:
         await first.stop(0)
 
     second = await _serve(database_url, generate_key())
     try:
-        async with grpc.aio.insecure_channel(second.address) as channel:
+        async with channel_to(second.address, token()) as channel:
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await pb_grpc.DeadLetterServiceStub(channel).Get(pb.GetRequest(id=stored_id))
     finally:

@@ -1,15 +1,33 @@
 -- Every query the service runs, by name. server/sql/__init__.py loads this file once.
 -- Parameters are positional ($1...) and always bound, never formatted into the text.
 
+-- name: act_as
+-- First statement of every request's transaction: the caller's database role and subject, for this
+-- transaction only (is_local = true), so a pooled connection never carries them to its next borrower.
+SELECT set_config('role', $1, true), set_config('app.actor', $2, true);
+
 -- name: insert_dead_letter
--- Returns no row when the idempotency key is taken; the caller then reads the existing record.
-INSERT INTO dead_letter_queue (
-    id, event_id, provider, received_at, correlation_id, payload_encrypted, headers_encrypted,
-    payload_size_bytes, error_message, retry_count, idempotency_key
+-- The record and its audit row in one statement. Returns no row when the idempotency key is taken; the caller
+-- then reads the existing record (and audits that).
+WITH inserted AS (
+    INSERT INTO dead_letter_queue (
+        id, event_id, provider, received_at, correlation_id, payload_encrypted, headers_encrypted,
+        payload_size_bytes, error_message, retry_count, idempotency_key
+    )
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+    ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+    RETURNING id, failed_at, event_id, provider, correlation_id
+), audited AS (
+    INSERT INTO audit_log (actor, role, peer, method, action, outcome, dead_letter_ids, event_id, provider,
+                           correlation_id)
+    SELECT $12, $13, $14, $15, 'stored', 'OK', ARRAY[id], event_id, provider, correlation_id FROM inserted
 )
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
-ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
-RETURNING failed_at;
+SELECT failed_at FROM inserted;
+
+-- name: insert_audit
+INSERT INTO audit_log (actor, role, peer, method, action, outcome, dead_letter_ids, event_id, provider,
+                       correlation_id, metadata)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11);
 
 -- name: get_dead_letter
 SELECT id, event_id, provider, correlation_id, error_message, retry_count, received_at, failed_at,
