@@ -139,10 +139,8 @@ def _grpc_server(
     server = grpc.aio.server(
         # The status interceptor is outermost, so refusals are mapped and logged like every other outcome.
         interceptors=[StatusInterceptor((f"/{SERVICE_NAME}/",)), access_interceptor],
-        options=[
-            ("grpc.max_receive_message_length", receive_limit),
-            ("grpc.max_send_message_length", receive_limit),
-        ],
+        # Only the receive side is capped: a List page of 1,000 rows may legitimately be larger than a Store.
+        options=[("grpc.max_receive_message_length", receive_limit)],
     )
     deadletter_pb2_grpc.add_DeadLetterServiceServicer_to_server(
         DeadLetterServicer(vault, settings.max_payload_bytes), server

@@ -207,9 +207,13 @@ class _Reader:
         value = self.text(name)
         if value is None:
             return default
-        if not value.isdigit() or not low <= int(value) <= high:
+        try:
+            number = int(value)
+        except ValueError:
+            number = low - 1
+        if not low <= number <= high:
             raise ConfigError(f"{name} must be a whole number from {low} to {high}")
-        return int(value)
+        return number
 
     def seconds(self, name: str, default: float, *, allow_zero: bool = False) -> float:
         value = self.text(name)

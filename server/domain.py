@@ -7,21 +7,31 @@ a rejected value may be PHI.
 from __future__ import annotations
 
 import enum
+import re
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
 
 from server.errors import InvalidArgument
 
+_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+
 MAX_EVENT_ID_CHARS = 512
 MAX_CORRELATION_ID_CHARS = 512
 MAX_IDEMPOTENCY_KEY_CHARS = 256
 MAX_ERROR_MESSAGE_CHARS = 16_384
 MAX_HEADERS_BYTES = 64 * 1024
+MAX_HEADERS = 100
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
-# Room in a gRPC message for everything but the payload, within the limits above.
-REQUEST_OVERHEAD_BYTES = 128 * 1024
+# Room in a gRPC message for everything but the payload, within the limits above: text fields at 4 UTF-8 bytes
+# a character, headers with their map-entry framing, and a margin for the fixed fields.
+REQUEST_OVERHEAD_BYTES = (
+    4 * (MAX_EVENT_ID_CHARS + MAX_CORRELATION_ID_CHARS + MAX_IDEMPOTENCY_KEY_CHARS + MAX_ERROR_MESSAGE_CHARS)
+    + MAX_HEADERS_BYTES
+    + 16 * MAX_HEADERS
+    + 4096
+)
 
 
 class Provider(enum.StrEnum):
@@ -154,12 +164,9 @@ def new_dead_letter(
 
 def parse_id(value: str, field: str = "id") -> uuid.UUID:
     """Parse a dead letter id: a UUID in its canonical 36-character form, either case."""
-    if len(value) != 36:
+    if not _UUID.fullmatch(value):
         raise InvalidArgument(field, "must be a UUID such as 3f2504e0-4f89-41d3-9a0c-0305e82c3301")
-    try:
-        return uuid.UUID(value)
-    except ValueError:
-        raise InvalidArgument(field, "must be a UUID such as 3f2504e0-4f89-41d3-9a0c-0305e82c3301") from None
+    return uuid.UUID(value)
 
 
 def page_size(requested: int) -> int:
@@ -184,6 +191,8 @@ def _check_payload(payload: bytes, max_bytes: int) -> None:
 
 
 def _check_headers(headers: dict[str, str]) -> None:
+    if len(headers) > MAX_HEADERS:
+        raise InvalidArgument("headers", f"hold {len(headers)} entries; the limit is {MAX_HEADERS}")
     total = 0
     for name, value in headers.items():
         if not name.strip():

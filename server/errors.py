@@ -95,10 +95,20 @@ class PermissionDenied(DeadLetterError):
     code = "PERMISSION_DENIED"
 
 
+class Unimplemented(DeadLetterError):
+    """A method declared in the contract but not built yet."""
+
+    code = "UNIMPLEMENTED"
+
+
 class DatabaseUnavailable(DeadLetterError):
-    """The database could not be reached or gave no connection in time; nothing was committed."""
+    """The database could not be reached, gave no connection in time, or dropped it mid-request."""
 
     code = "UNAVAILABLE"
 
     def __init__(self) -> None:
-        super().__init__("the database is unavailable; nothing was written, retry later")
+        # A connection lost around COMMIT leaves the outcome unknown: say so, and point at the safe retry.
+        super().__init__(
+            "the database is unavailable; the request may not have completed: retry (Store with the same "
+            "idempotency_key)"
+        )

@@ -38,7 +38,8 @@ class PageTokens:
     def decode(self, token: str, filters: ListFilter) -> Cursor:
         """Return the cursor in token, or raise InvalidArgument if it is not ours, edited, or for other filters."""
         try:
-            raw = base64.urlsafe_b64decode(token.encode("ascii"))
+            # validate=True: the lenient decoder skips foreign characters, so an edited token could still pass.
+            raw = base64.b64decode(token.encode("ascii"), altchars=b"-_", validate=True)
         except (binascii.Error, ValueError, UnicodeEncodeError):
             raise _invalid() from None
         body, mac = raw[: _BODY.size], raw[_BODY.size :]

@@ -10,6 +10,7 @@ import grpc.aio
 from deadletter.v1 import deadletter_pb2 as pb
 from deadletter.v1 import deadletter_pb2_grpc as pb_grpc
 from server import access, domain, logs, proto_mapping
+from server.errors import Unimplemented
 from server.vault import Vault
 
 
@@ -40,9 +41,7 @@ class DeadLetterServicer(pb_grpc.DeadLetterServiceServicer):
     async def Reprocess(
         self, request: pb.ReprocessRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ReprocessResponse:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Reprocess is not implemented yet")
-        raise AssertionError("unreachable")
+        raise Unimplemented("Reprocess is not implemented yet")
 
     async def Purge(self, request: pb.PurgeRequest, context: grpc.aio.ServicerContext[Any, Any]) -> pb.PurgeResponse:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Purge is not implemented yet")
-        raise AssertionError("unreachable")
+        raise Unimplemented("Purge is not implemented yet")

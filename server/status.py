@@ -63,6 +63,12 @@ def _mapped(method: str, behavior: Behavior) -> Behavior:
             code = context.code() or grpc.StatusCode.CANCELLED
             raise
         except Exception:
+            preset = context.code()
+            if preset not in (None, grpc.StatusCode.OK):
+                # The handler chose a status before failing (the generated base servicer does this for
+                # UNIMPLEMENTED): keep it rather than turning it into INTERNAL.
+                code = preset
+                await context.abort(code, context.details() or "")
             code = grpc.StatusCode.INTERNAL
             reference = str(uuid.uuid4())
             log.exception("unhandled error", extra={"reference": reference})

@@ -13,7 +13,13 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from deadletter.v1 import deadletter_pb2 as pb
 from deadletter.v1 import deadletter_pb2_grpc as pb_grpc
 from server import app
-from server.domain import MAX_ERROR_MESSAGE_CHARS, MAX_EVENT_ID_CHARS, MAX_HEADERS_BYTES, REQUEST_OVERHEAD_BYTES
+from server.domain import (
+    MAX_ERROR_MESSAGE_CHARS,
+    MAX_EVENT_ID_CHARS,
+    MAX_HEADERS,
+    MAX_HEADERS_BYTES,
+    REQUEST_OVERHEAD_BYTES,
+)
 from tests.conftest import SAMPLES, channel_to, row_count, token
 
 if TYPE_CHECKING:
@@ -44,6 +50,7 @@ INVALID_STORES: list[tuple[str, dict[str, Any], str]] = [
     ("payload one byte over the limit", {"payload": b"x" * (LIMIT + 1)}, "payload"),
     ("header name empty", {"headers": {"": "v"}}, "headers"),
     ("headers too large", {"headers": {"x-big": "v" * (MAX_HEADERS_BYTES + 1)}}, "headers"),
+    ("too many headers", {"headers": {f"x-{i}": "v" for i in range(MAX_HEADERS + 1)}}, "headers"),
     ("idempotency_key too long", {"idempotency_key": "k" * 257}, "idempotency_key"),
 ]
 
@@ -62,6 +69,23 @@ async def test_invalid_store_is_invalid_argument_and_writes_nothing(
 async def test_payload_exactly_at_the_limit_is_accepted(stub: Stub, db: asyncpg.Connection) -> None:
     stored = await stub.Store(SAMPLE.store_request(payload=b"x" * LIMIT))
     assert (await stub.Get(pb.GetRequest(id=stored.id))).dead_letter.payload_size_bytes == LIMIT
+    assert await row_count(db) == 1
+
+
+async def test_largest_valid_request_is_accepted(stub: Stub, db: asyncpg.Connection) -> None:
+    """Every field at its limit, in 4-byte characters where text allows: within the receive limit."""
+    wide = "\U0001f600"
+    headers = {f"x-{i:02d}-" + wide * 50: wide * 100 for i in range(MAX_HEADERS)}
+    assert sum(len(k.encode()) + len(v.encode()) for k, v in headers.items()) <= MAX_HEADERS_BYTES
+    request = SAMPLE.store_request(
+        payload=b"x" * LIMIT,
+        headers=headers,
+        event_id=wide * MAX_EVENT_ID_CHARS,
+        correlation_id=wide * 512,
+        error_message=wide * MAX_ERROR_MESSAGE_CHARS,
+        idempotency_key=wide * 256,
+    )
+    assert (await stub.Store(request)).id
     assert await row_count(db) == 1
 
 
@@ -99,7 +123,7 @@ async def test_configured_payload_limit_sets_validation_and_receive_limit(
 async def test_rejections_never_echo_the_payload_or_headers(stub: Stub) -> None:
     canary = "canary-9d2e-in-error"
     for change in (
-        {"payload": canary.encode() * 100_000},
+        {"payload": (canary.encode() * 60_000)[: LIMIT + 1]},
         {"headers": {"x": canary * 10_000}},
         {"event_id": canary * 100},
         {"provider": pb.PROVIDER_UNSPECIFIED, "payload": canary.encode()},

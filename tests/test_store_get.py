@@ -81,11 +81,16 @@ async def test_tampered_ciphertext_is_data_loss(stub: Stub, db: asyncpg.Connecti
     assert stored.id in (caught.value.details() or "")
 
 
-@pytest.mark.parametrize("keep", [0, 20, 40], ids=["empty", "truncated", "no-tag"])
-async def test_truncated_ciphertext_is_data_loss(stub: Stub, db: asyncpg.Connection, keep: int) -> None:
+@pytest.mark.parametrize(
+    ("column", "keep"),
+    [("headers_encrypted", 0), ("headers_encrypted", 20), ("payload_encrypted", 40), ("payload_encrypted", -8)],
+    ids=["empty", "prefix-only", "shorter-than-nonce-and-tag", "tag-cut"],
+)
+async def test_truncated_ciphertext_is_data_loss(stub: Stub, db: asyncpg.Connection, column: str, keep: int) -> None:
     stored = await stub.Store(WHATSAPP.store_request())
+    # -8 cuts 8 base64 characters (6 bytes) off the tag: still well-formed base64, long enough, fails InvalidTag.
     await db.execute(
-        "UPDATE dead_letter_queue SET headers_encrypted = left(headers_encrypted, $2) WHERE id = $1::uuid",
+        f"UPDATE dead_letter_queue SET {column} = left({column}, $2) WHERE id = $1::uuid",
         stored.id,
         keep,
     )

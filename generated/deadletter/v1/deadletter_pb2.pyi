@@ -170,9 +170,10 @@ class StoreRequest(_message.Message):
     correlation_id: _builtins.str
     """Required. The id that ties this delivery to the worker's logs and traces. At most 512 characters."""
     idempotency_key: _builtins.str
-    """Optional. Makes Store safe to retry: a second Store with the same key and the same content returns the
-    first record's id and stores nothing; the same key with different content fails with ALREADY_EXISTS.
-    Without a key every Store creates a record. At most 256 characters.
+    """Optional but recommended. Makes Store safe to retry: a second Store with the same key and the same content
+    (every field above) returns the first record's id and stores nothing; the same key with different content
+    fails with ALREADY_EXISTS. Without a key every Store creates a record. Stored and listed in plaintext, so
+    it must not contain personal data: use a random UUID per delivery. At most 256 characters.
     """
     @_builtins.property
     def headers(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:

@@ -37,7 +37,10 @@ class DeadLetterServiceStub:
     Errors: INVALID_ARGUMENT for a malformed request (the message names the field), NOT_FOUND for an unknown id,
     ALREADY_EXISTS for an idempotency key reused with different content, DATA_LOSS for a stored record that fails
     authenticated decryption, RESOURCE_EXHAUSTED for a message over the server's size limit, UNAVAILABLE when the
-    database cannot be reached (safe to retry). Error messages never contain payloads or headers.
+    database cannot be reached (retry; a Store may have been committed just before the connection was lost, so
+    workers should always send an idempotency_key), UNAUTHENTICATED without a valid bearer token,
+    PERMISSION_DENIED when the caller's role may not call the method. Error messages never contain payloads or
+    headers.
     """
 
     @_typing.overload
@@ -65,7 +68,10 @@ class DeadLetterServiceAsyncStub(DeadLetterServiceStub):
     Errors: INVALID_ARGUMENT for a malformed request (the message names the field), NOT_FOUND for an unknown id,
     ALREADY_EXISTS for an idempotency key reused with different content, DATA_LOSS for a stored record that fails
     authenticated decryption, RESOURCE_EXHAUSTED for a message over the server's size limit, UNAVAILABLE when the
-    database cannot be reached (safe to retry). Error messages never contain payloads or headers.
+    database cannot be reached (retry; a Store may have been committed just before the connection was lost, so
+    workers should always send an idempotency_key), UNAUTHENTICATED without a valid bearer token,
+    PERMISSION_DENIED when the caller's role may not call the method. Error messages never contain payloads or
+    headers.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -89,7 +95,10 @@ class DeadLetterServiceServicer(metaclass=_abc_1.ABCMeta):
     Errors: INVALID_ARGUMENT for a malformed request (the message names the field), NOT_FOUND for an unknown id,
     ALREADY_EXISTS for an idempotency key reused with different content, DATA_LOSS for a stored record that fails
     authenticated decryption, RESOURCE_EXHAUSTED for a message over the server's size limit, UNAVAILABLE when the
-    database cannot be reached (safe to retry). Error messages never contain payloads or headers.
+    database cannot be reached (retry; a Store may have been committed just before the connection was lost, so
+    workers should always send an idempotency_key), UNAUTHENTICATED without a valid bearer token,
+    PERMISSION_DENIED when the caller's role may not call the method. Error messages never contain payloads or
+    headers.
     """
 
     @_abc_1.abstractmethod
