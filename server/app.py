@@ -120,6 +120,10 @@ async def _database_and_secrets(settings: Settings) -> _Secrets:
 
 def _server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     if settings.tls_cert_file is None or settings.tls_key_file is None:
+        if settings.tls_client_ca_file is not None:
+            raise ConfigError(
+                "DEADLETTER_TLS_CLIENT_CA_FILE needs DEADLETTER_TLS_CERT_FILE and DEADLETTER_TLS_KEY_FILE"
+            )
         return None
     try:
         chain = settings.tls_cert_file.read_bytes()

@@ -10,11 +10,14 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
+
+from server.config import ConfigError
 
 log = logging.getLogger("deadletter.embedded")
 
@@ -54,17 +57,30 @@ def with_user(dsn: str, user: str) -> str:
     return urlunsplit((parts.scheme, f"{user}@{host}", parts.path, parts.query, parts.fragment))
 
 
-def secret(data_dir: Path, name: str, generate: Any) -> str:
+def secret(data_dir: Path, name: str, generate: Callable[[], str]) -> str:
     """Read data_dir/name, or create it (mode 0600) with generate() and warn that it was generated."""
     path = data_dir / name
     data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return path.read_text(encoding="ascii").strip()
-    value: str = generate()
+    if path.exists():
+        value = path.read_text(encoding="ascii").strip()
+        if not value:
+            raise ConfigError(f"{path} is empty: delete it to generate a new secret (data sealed with it is lost)")
+        return value
+    value = generate()
+    # Written whole to a temporary file, then linked into place: a crash never leaves a half-written secret,
+    # and two processes starting at once agree on one (the loser of the link reads the winner's).
+    temporary = data_dir / f".{name}.{os.getpid()}.tmp"
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w", encoding="ascii") as file:
         file.write(value + "\n")
+        file.flush()
+        os.fsync(file.fileno())
+    try:
+        os.link(temporary, path)
+    except FileExistsError:
+        return path.read_text(encoding="ascii").strip()
+    finally:
+        temporary.unlink()
     log.warning(
         "generated a new secret for the embedded mode; production must configure its own",
         extra={"file": str(path)},
