@@ -31,6 +31,9 @@ POLICY: dict[str, frozenset[Role]] = {
     "Get": frozenset({Role.SERVICE, Role.ADMIN}),
     "List": frozenset({Role.SERVICE, Role.ADMIN}),
     "Reprocess": frozenset({Role.SERVICE}),
+    "Redrive": frozenset({Role.SERVICE}),
+    "ClaimQueued": frozenset({Role.SERVICE}),
+    "AcknowledgeQueued": frozenset({Role.SERVICE}),
     "Purge": frozenset({Role.SERVICE}),
 }
 

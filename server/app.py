@@ -18,14 +18,14 @@ from deadletter.v1 import deadletter_pb2_grpc
 from server import embedded
 from server.access import SERVICE_NAME, AccessInterceptor
 from server.auth import TokenVerifier, generate_jwt_secret, read_public_key
-from server.config import ConfigError, Settings
+from server.config import ConfigError, Settings, app_secrets
 from server.crypto import Keyring, generate_key
 from server.domain import REQUEST_OVERHEAD_BYTES
 from server.migrate import check_login_role, migrate, provision_login_role
 from server.servicer import DeadLetterServicer
 from server.status import StatusInterceptor
 from server.store import Store, create_pool
-from server.vault import Vault
+from server.vault import RecoveryPolicy, Vault
 
 log = logging.getLogger("deadletter")
 
@@ -75,7 +75,14 @@ async def start(settings: Settings) -> Application:
         async with pool.acquire() as conn:
             await check_login_role(conn)
         store = Store(pool, settings.db_acquire_timeout_seconds)
-        server, health_servicer = _grpc_server(settings, Vault(store, keyring), AccessInterceptor(verifier, store))
+        policy = RecoveryPolicy(
+            app_secrets=app_secrets(settings),
+            redrive_max_per_second=settings.redrive_max_per_second,
+            redrive_max_batch=settings.redrive_max_batch,
+            purge_batch_size=settings.purge_batch_size,
+        )
+        vault = Vault(store, keyring, policy)
+        server, health_servicer = _grpc_server(settings, vault, AccessInterceptor(verifier, store))
         port = (
             server.add_secure_port(settings.listen, credentials)
             if credentials
@@ -147,7 +154,8 @@ def _grpc_server(
         options=[("grpc.max_receive_message_length", receive_limit)],
     )
     deadletter_pb2_grpc.add_DeadLetterServiceServicer_to_server(
-        DeadLetterServicer(vault, settings.max_payload_bytes), server
+        DeadLetterServicer(vault, settings.max_payload_bytes, settings.retention_days, settings.purge_min_age_days),
+        server,
     )
     health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

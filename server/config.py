@@ -49,6 +49,17 @@ class Settings:
     tls_key_file: Path | None = None
     tls_client_ca_file: Path | None = None
     allow_plaintext: bool = False
+    # Meta app secrets, comma-separated; when set, Reprocess verifies x-hub-signature-256 against them.
+    meta_app_secrets: str | None = None
+    redrive_max_per_second: int = 50
+    redrive_max_batch: int = 10_000
+    purge_batch_size: int = 5_000
+    purge_min_age_days: int = 1
+    retention_days: int = 90
+    retention_cron: str = "0 3 * * *"
+    retention_enabled: bool = True
+    rabbitmq_url: str | None = None
+    rabbitmq_queue: str = "deadletter.reprocess"
 
     @property
     def tls(self) -> bool:
@@ -100,6 +111,24 @@ VARIABLES: tuple[_Var, ...] = (
         "false",
         "Serve plaintext on a non-loopback address (only behind something that encrypts, e.g. a mesh).",
     ),
+    _Var(
+        PREFIX + "META_APP_SECRETS",
+        "(unset: not checked)",
+        "Comma-separated Meta app secrets; Reprocess refuses a payload whose x-hub-signature-256 matches none.",
+    ),
+    _Var(PREFIX + "REDRIVE_MAX_PER_SECOND", "50", "Fastest a Redrive sends (and its default)."),
+    _Var(PREFIX + "REDRIVE_MAX_BATCH", "10000", "Most dead letters one Redrive call may touch."),
+    _Var(
+        PREFIX + "RETENTION_DAYS",
+        "90",
+        "Dead letters older than this are purged daily, and by a Purge naming no cut-off.",
+    ),
+    _Var(PREFIX + "RETENTION_CRON", "0 3 * * *", "When the daily purge runs (crontab fields, UTC)."),
+    _Var(PREFIX + "RETENTION_ENABLED", "true", "Run the daily purge (one replica runs it each day)."),
+    _Var(PREFIX + "PURGE_MIN_AGE_DAYS", "1", "Purge refuses a cut-off more recent than this."),
+    _Var(PREFIX + "PURGE_BATCH_SIZE", "5000", "Rows deleted per transaction by a purge."),
+    _Var(PREFIX + "RABBITMQ_URL", "(unset: outbox only)", "AMQP URL; a relay publishes reprocessed webhooks there."),
+    _Var(PREFIX + "RABBITMQ_QUEUE", "deadletter.reprocess", "Durable queue the relay publishes to."),
     _Var(PREFIX + "DATA_DIR", "./.deadletter", "Embedded mode only: PostgreSQL data and generated keys."),
     _Var(PREFIX + "MIGRATIONS_DIR", "./migrations", "Folder of ordered .sql migrations."),
     _Var(PREFIX + "MIGRATE_ON_START", "true", "Apply pending migrations at start."),
@@ -145,6 +174,18 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         tls_key_file=reader.optional_path(PREFIX + "TLS_KEY_FILE"),
         tls_client_ca_file=reader.optional_path(PREFIX + "TLS_CLIENT_CA_FILE"),
         allow_plaintext=reader.boolean(PREFIX + "ALLOW_PLAINTEXT", Settings.allow_plaintext),
+        meta_app_secrets=reader.text(PREFIX + "META_APP_SECRETS"),
+        redrive_max_per_second=reader.integer(
+            PREFIX + "REDRIVE_MAX_PER_SECOND", Settings.redrive_max_per_second, 1, 10_000
+        ),
+        redrive_max_batch=reader.integer(PREFIX + "REDRIVE_MAX_BATCH", Settings.redrive_max_batch, 1, 1_000_000),
+        purge_batch_size=reader.integer(PREFIX + "PURGE_BATCH_SIZE", Settings.purge_batch_size, 1, 100_000),
+        purge_min_age_days=reader.integer(PREFIX + "PURGE_MIN_AGE_DAYS", Settings.purge_min_age_days, 0, 3650),
+        retention_days=reader.integer(PREFIX + "RETENTION_DAYS", Settings.retention_days, 1, 3650),
+        retention_cron=reader.text(PREFIX + "RETENTION_CRON") or Settings.retention_cron,
+        retention_enabled=reader.boolean(PREFIX + "RETENTION_ENABLED", Settings.retention_enabled),
+        rabbitmq_url=reader.text(PREFIX + "RABBITMQ_URL"),
+        rabbitmq_queue=reader.text(PREFIX + "RABBITMQ_QUEUE") or Settings.rabbitmq_queue,
     )
     _check_listen(settings.listen)
     if settings.db_pool_min_size > settings.db_pool_max_size:
@@ -154,7 +195,17 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
     if not settings.embedded and not (settings.jwt_secret or settings.jwt_public_key_file):
         raise ConfigError(f"{PREFIX}JWT_SECRET or {PREFIX}JWT_PUBLIC_KEY_FILE is required when DATABASE_URL is set")
     _check_transport(settings)
+    if settings.retention_days < settings.purge_min_age_days:
+        raise ConfigError(f"{PREFIX}RETENTION_DAYS must be at least {PREFIX}PURGE_MIN_AGE_DAYS")
+    if len(settings.retention_cron.split()) != 5:
+        raise ConfigError(f"{PREFIX}RETENTION_CRON must have the five crontab fields, for example '0 3 * * *'")
     return settings
+
+
+def app_secrets(settings: Settings) -> list[bytes]:
+    """The Meta app secrets to verify signatures with (empty: not checked)."""
+    value = settings.meta_app_secrets or ""
+    return [part.strip().encode() for part in value.split(",") if part.strip()]
 
 
 def _check_transport(settings: Settings) -> None:

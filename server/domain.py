@@ -42,6 +42,20 @@ class Provider(enum.StrEnum):
     WHATSAPP = "whatsapp"
 
 
+class FailureKind(enum.StrEnum):
+    """How the worker classified the failure; only RETRYABLE goes back for processing without force."""
+
+    RETRYABLE = "retryable"
+    SIGNATURE_INVALID = "signature_invalid"
+    MALFORMED_PAYLOAD = "malformed_payload"
+    PERMANENT = "permanent"
+
+
+class Status(enum.StrEnum):
+    PENDING = "pending"
+    REPROCESSED = "reprocessed"
+
+
 @dataclass(frozen=True)
 class NewDeadLetter:
     """A validated Store request."""
@@ -55,6 +69,7 @@ class NewDeadLetter:
     correlation_id: str
     received_at: datetime
     idempotency_key: str | None
+    failure_kind: FailureKind = FailureKind.RETRYABLE
 
     def same_content(self, other: NewDeadLetter) -> bool:
         """Whether other is a retry of this Store (idempotency key aside)."""
@@ -67,6 +82,7 @@ class NewDeadLetter:
             and self.retry_count == other.retry_count
             and self.correlation_id == other.correlation_id
             and self.received_at == other.received_at
+            and self.failure_kind == other.failure_kind
         )
 
 
@@ -84,6 +100,11 @@ class DeadLetter:
     failed_at: datetime
     payload_size_bytes: int
     idempotency_key: str | None
+    failure_kind: FailureKind = FailureKind.RETRYABLE
+    status: Status = Status.PENDING
+    reprocessed_at: datetime | None = None
+    reprocessed_by: str | None = None
+    reprocess_count: int = 0
 
 
 @dataclass(frozen=True)
@@ -114,6 +135,8 @@ class ListFilter:
     provider: Provider | None
     failed_after: datetime | None
     failed_before: datetime | None
+    failure_kind: FailureKind | None = None
+    status: Status | None = None
 
 
 @dataclass(frozen=True)
@@ -134,6 +157,7 @@ def new_dead_letter(
     received_at: datetime | None,
     idempotency_key: str,
     max_payload_bytes: int,
+    failure_kind: FailureKind = FailureKind.RETRYABLE,
 ) -> NewDeadLetter:
     """Validate a Store request's fields and return them as a NewDeadLetter."""
     if provider is None:
@@ -159,6 +183,7 @@ def new_dead_letter(
         correlation_id=correlation_id,
         received_at=received_at,
         idempotency_key=idempotency_key or None,
+        failure_kind=failure_kind,
     )
 
 
@@ -176,11 +201,17 @@ def page_size(requested: int) -> int:
     return min(requested or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
 
 
-def list_filter(provider: Provider | None, failed_after: datetime | None, failed_before: datetime | None) -> ListFilter:
-    """Validate List's filters."""
+def list_filter(
+    provider: Provider | None,
+    failed_after: datetime | None,
+    failed_before: datetime | None,
+    failure_kind: FailureKind | None = None,
+    status: Status | None = None,
+) -> ListFilter:
+    """Validate List's (and Redrive's) filters."""
     if failed_after is not None and failed_before is not None and failed_after >= failed_before:
         raise InvalidArgument("failed_before", "must be later than failed_after")
-    return ListFilter(provider, failed_after, failed_before)
+    return ListFilter(provider, failed_after, failed_before, failure_kind, status)
 
 
 def _check_payload(payload: bytes, max_bytes: int) -> None:

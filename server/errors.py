@@ -77,6 +77,12 @@ class KeyUnavailable(DeadLetterError):
         self.key_id = key_id
 
 
+class FailedPrecondition(DeadLetterError):
+    """The request is well-formed but the dead letter is not in a state that allows it."""
+
+    code = "FAILED_PRECONDITION"
+
+
 class Aborted(DeadLetterError):
     """A concurrent change got in the way; the caller may retry the same request."""
 
@@ -93,12 +99,6 @@ class PermissionDenied(DeadLetterError):
     """A valid token whose role may not call this method."""
 
     code = "PERMISSION_DENIED"
-
-
-class Unimplemented(DeadLetterError):
-    """A method declared in the contract but not built yet."""
-
-    code = "UNIMPLEMENTED"
 
 
 class DatabaseUnavailable(DeadLetterError):

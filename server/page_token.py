@@ -62,6 +62,8 @@ def _filters_bytes(filters: ListFilter) -> bytes:
         filters.provider or "",
         filters.failed_after.isoformat() if filters.failed_after else "",
         filters.failed_before.isoformat() if filters.failed_before else "",
+        filters.failure_kind or "",
+        filters.status or "",
     )
     return "|".join(parts).encode()
 

@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from deadletter.v1 import deadletter_pb2 as pb
-from server.domain import DeadLetter, ListFilter, NewDeadLetter, OpenedDeadLetter, Page, Provider, list_filter
+from server.domain import (
+    DeadLetter,
+    FailureKind,
+    ListFilter,
+    NewDeadLetter,
+    OpenedDeadLetter,
+    Page,
+    Provider,
+    Status,
+    list_filter,
+)
 from server.domain import new_dead_letter as validated_new_dead_letter
 from server.errors import InvalidArgument
+from server.vault import QueuedWebhook, RedriveRequest, RedriveResult, ReprocessResult
 
 _TO_DOMAIN = {
     pb.PROVIDER_FACEBOOK: Provider.FACEBOOK,
@@ -17,6 +28,15 @@ _TO_DOMAIN = {
     pb.PROVIDER_WHATSAPP: Provider.WHATSAPP,
 }
 _TO_PROTO = {provider: number for number, provider in _TO_DOMAIN.items()}
+_KIND_TO_DOMAIN = {
+    pb.FAILURE_KIND_RETRYABLE: FailureKind.RETRYABLE,
+    pb.FAILURE_KIND_SIGNATURE_INVALID: FailureKind.SIGNATURE_INVALID,
+    pb.FAILURE_KIND_MALFORMED_PAYLOAD: FailureKind.MALFORMED_PAYLOAD,
+    pb.FAILURE_KIND_PERMANENT: FailureKind.PERMANENT,
+}
+_KIND_TO_PROTO = {kind: number for number, kind in _KIND_TO_DOMAIN.items()}
+_STATUS_TO_DOMAIN = {pb.STATUS_PENDING: Status.PENDING, pb.STATUS_REPROCESSED: Status.REPROCESSED}
+_STATUS_TO_PROTO = {status: number for number, status in _STATUS_TO_DOMAIN.items()}
 
 
 def new_dead_letter(request: pb.StoreRequest, max_payload_bytes: int) -> NewDeadLetter:
@@ -32,15 +52,87 @@ def new_dead_letter(request: pb.StoreRequest, max_payload_bytes: int) -> NewDead
         received_at=_datetime(request, "received_at"),
         idempotency_key=request.idempotency_key,
         max_payload_bytes=max_payload_bytes,
+        failure_kind=_failure_kind(request.failure_kind) or FailureKind.RETRYABLE,
     )
 
 
-def list_filters(request: pb.ListRequest) -> ListFilter:
-    """Decode and validate List's filters. An unknown provider number is an error, not 'every provider'."""
+def list_filters(request: pb.ListRequest | pb.RedriveRequest) -> ListFilter:
+    """Decode and validate List's or Redrive's filters. Unknown enum numbers are errors, not 'every value'."""
     provider = _TO_DOMAIN.get(request.provider)
     if provider is None and request.provider != pb.PROVIDER_UNSPECIFIED:
         raise InvalidArgument("provider", "unknown value")
-    return list_filter(provider, _datetime(request, "failed_after"), _datetime(request, "failed_before"))
+    status: Status | None = None
+    if isinstance(request, pb.ListRequest):
+        status = _STATUS_TO_DOMAIN.get(request.status)
+        if status is None and request.status != pb.STATUS_UNSPECIFIED:
+            raise InvalidArgument("status", "unknown value")
+    return list_filter(
+        provider,
+        _datetime(request, "failed_after"),
+        _datetime(request, "failed_before"),
+        _failure_kind(request.failure_kind),
+        status,
+    )
+
+
+def redrive_request(request: pb.RedriveRequest) -> RedriveRequest:
+    if request.max_per_second < 0:
+        raise InvalidArgument("max_per_second", "must not be negative")
+    if request.limit < 0:
+        raise InvalidArgument("limit", "must not be negative")
+    return RedriveRequest(list_filters(request), request.dry_run, request.max_per_second, request.limit)
+
+
+def purge_cutoff(request: pb.PurgeRequest, now: datetime, retention_days: int, min_age_days: int) -> datetime:
+    """The cut-off a Purge asks for (the retention period when it names none), refused if too recent."""
+    which = request.WhichOneof("cutoff")
+    if which == "before":
+        cutoff = _datetime(request, "before")
+        assert cutoff is not None
+    elif which == "older_than":
+        if request.older_than.seconds < 0 or request.older_than.nanos < 0:
+            raise InvalidArgument("older_than", "must not be negative")
+        cutoff = now - request.older_than.ToTimedelta()
+    else:
+        cutoff = now - timedelta(days=retention_days)
+    if cutoff > now - timedelta(days=min_age_days):
+        raise InvalidArgument(which or "cutoff", f"must be at least {min_age_days} day(s) ago")
+    return cutoff
+
+
+def reprocess_response(result: ReprocessResult) -> pb.ReprocessResponse:
+    return pb.ReprocessResponse(dead_letter=dead_letter(result.dead_letter), queue_message_id=result.queue_message_id)
+
+
+def redrive_response(result: RedriveResult) -> pb.RedriveResponse:
+    return pb.RedriveResponse(
+        sent=result.sent, skipped=result.skipped, dry_run=result.dry_run, truncated=result.truncated
+    )
+
+
+def claim_response(webhook: QueuedWebhook | None) -> pb.ClaimQueuedResponse:
+    if webhook is None:
+        return pb.ClaimQueuedResponse()
+    row = webhook.row
+    return pb.ClaimQueuedResponse(
+        webhook=pb.QueuedWebhook(
+            message_id=str(row.id),
+            dead_letter_id=str(row.dead_letter_id),
+            provider=_TO_PROTO[row.provider],
+            event_id=row.event_id,
+            correlation_id=row.correlation_id,
+            payload=webhook.payload,
+            headers=webhook.headers,
+            attempt=row.attempt,
+        )
+    )
+
+
+def _failure_kind(number: int) -> FailureKind | None:
+    kind: FailureKind | None = _KIND_TO_DOMAIN.get(number)  # type: ignore[call-overload]
+    if kind is None and number != pb.FAILURE_KIND_UNSPECIFIED:
+        raise InvalidArgument("failure_kind", "unknown value")
+    return kind
 
 
 def dead_letter(meta: DeadLetter) -> pb.DeadLetter:
@@ -53,9 +145,15 @@ def dead_letter(meta: DeadLetter) -> pb.DeadLetter:
         retry_count=meta.retry_count,
         payload_size_bytes=meta.payload_size_bytes,
         idempotency_key=meta.idempotency_key or "",
+        failure_kind=_KIND_TO_PROTO[meta.failure_kind],
+        status=_STATUS_TO_PROTO[meta.status],
+        reprocessed_by=meta.reprocessed_by or "",
+        reprocess_count=meta.reprocess_count,
     )
     message.received_at.FromDatetime(meta.received_at)
     message.failed_at.FromDatetime(meta.failed_at)
+    if meta.reprocessed_at is not None:
+        message.reprocessed_at.FromDatetime(meta.reprocessed_at)
     return message
 
 
@@ -69,7 +167,9 @@ def list_response(page: Page) -> pb.ListResponse:
     )
 
 
-def _datetime(message: pb.StoreRequest | pb.ListRequest, field: str) -> datetime | None:
+def _datetime(
+    message: pb.StoreRequest | pb.ListRequest | pb.RedriveRequest | pb.PurgeRequest, field: str
+) -> datetime | None:
     if not message.HasField(field):  # type: ignore[arg-type]
         return None
     timestamp: Timestamp = getattr(message, field)

@@ -15,14 +15,14 @@ import json
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import date, datetime
 
 import asyncpg
 
 from server.audit import Actor, AuditEntry
 from server.auth import Role
 from server.config import Settings
-from server.domain import Cursor, DeadLetter, ListFilter, Provider
+from server.domain import Cursor, DeadLetter, FailureKind, ListFilter, Provider, Status
 from server.errors import DatabaseUnavailable
 from server.sql import QUERIES
 
@@ -62,6 +62,30 @@ class NewRecord:
     error_message: str
     retry_count: int
     idempotency_key: str | None
+    failure_kind: FailureKind
+
+
+@dataclass(frozen=True)
+class QueuedRow:
+    """An item of the webhook_queue outbox, still sealed."""
+
+    id: uuid.UUID
+    dead_letter_id: uuid.UUID
+    attempt: int
+    provider: Provider
+    event_id: str
+    correlation_id: str
+    payload_encrypted: str
+    headers_encrypted: str
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A dead letter a Redrive considers."""
+
+    id: uuid.UUID
+    failure_kind: FailureKind
+    status: Status
 
 
 async def create_pool(settings: Settings, dsn: str) -> asyncpg.Pool:
@@ -130,6 +154,7 @@ class Transaction:
             actor.role or "",
             actor.peer,
             actor.method,
+            record.failure_kind.value,
         )
         return failed_at
 
@@ -141,7 +166,7 @@ class Transaction:
         row = await self._conn.fetchrow(QUERIES["get_dead_letter_by_idempotency_key"], key)
         return None if row is None else _sealed(row)
 
-    async def list(self, filters: ListFilter, after: Cursor | None, limit: int) -> list[DeadLetter]:
+    async def list_page(self, filters: ListFilter, after: Cursor | None, limit: int) -> list[DeadLetter]:
         """Up to limit rows after the cursor, newest failure first."""
         args: list[object] = [
             filters.failed_after,
@@ -149,12 +174,68 @@ class Transaction:
             after.failed_at if after else None,
             after.id if after else None,
             limit,
+            filters.failure_kind.value if filters.failure_kind else None,
+            filters.status.value if filters.status else None,
         ]
         query = QUERIES["list_dead_letters"]
         if filters.provider is not None:
             query = QUERIES["list_dead_letters_by_provider"]
             args.append(filters.provider.value)
         return [_meta(row) for row in await self._conn.fetch(query, *args)]
+
+    async def get_for_update(self, record_id: uuid.UUID) -> SealedRecord | None:
+        row = await self._conn.fetchrow(QUERIES["get_dead_letter_for_update"], record_id)
+        return None if row is None else _sealed(row)
+
+    async def reprocess(self, record_id: uuid.UUID, subject: str, message_id: uuid.UUID) -> DeadLetter:
+        """Mark a locked dead letter reprocessed and put it on the outbox."""
+        row = await self._conn.fetchrow(QUERIES["reprocess_dead_letter"], record_id, subject, message_id)
+        assert row is not None, "the caller holds the row lock"
+        return _meta(row)
+
+    async def redrive_candidates(self, filters: ListFilter, limit: int) -> list[Candidate]:
+        rows = await self._conn.fetch(
+            QUERIES["redrive_candidates"],
+            filters.failed_after,
+            filters.failed_before,
+            filters.provider.value if filters.provider else None,
+            filters.failure_kind.value if filters.failure_kind else None,
+            limit,
+        )
+        return [Candidate(r["id"], FailureKind(r["failure_kind"]), Status(r["status"])) for r in rows]
+
+    async def claim_queued(self, lease_seconds: int, subject: str) -> QueuedRow | None:
+        row = await self._conn.fetchrow(QUERIES["claim_queued"], float(lease_seconds), subject)
+        return None if row is None else _queued(row)
+
+    async def acknowledge_queued(self, message_id: uuid.UUID) -> uuid.UUID | None:
+        dead_letter_id: uuid.UUID | None = await self._conn.fetchval(QUERIES["acknowledge_queued"], message_id)
+        return dead_letter_id
+
+    async def relay_batch(self, limit: int) -> list[QueuedRow]:
+        return [_queued(row) for row in await self._conn.fetch(QUERIES["relay_batch"], limit)]
+
+    async def delete_queued(self, ids: list[uuid.UUID]) -> None:
+        await self._conn.execute(QUERIES["delete_queued"], ids)
+
+    async def count_expired(self, cutoff: datetime) -> int:
+        count: int = await self._conn.fetchval(QUERIES["count_expired"], cutoff)
+        return count
+
+    async def purge_batch(self, cutoff: datetime, batch_size: int) -> int:
+        status: str = await self._conn.execute(QUERIES["purge_batch"], cutoff, batch_size)
+        return int(status.rsplit(" ", 1)[1])  # "DELETE <n>"
+
+    async def try_lock(self, key: int) -> bool:
+        """Take a transaction-scoped advisory lock if it is free."""
+        locked: bool = await self._conn.fetchval(QUERIES["try_retention_lock"], key)
+        return locked
+
+    async def claim_retention_run(self, day: date, cutoff: datetime) -> bool:
+        return await self._conn.fetchval(QUERIES["claim_retention_run"], day, cutoff) is not None
+
+    async def finish_retention_run(self, day: date, purged: int) -> None:
+        await self._conn.execute(QUERIES["finish_retention_run"], day, purged)
 
     async def audit(self, entry: AuditEntry) -> None:
         actor = entry.actor
@@ -197,6 +278,24 @@ def _meta(row: asyncpg.Record) -> DeadLetter:
         failed_at=row["failed_at"],
         payload_size_bytes=row["payload_size_bytes"],
         idempotency_key=row["idempotency_key"],
+        failure_kind=FailureKind(row["failure_kind"]),
+        status=Status(row["status"]),
+        reprocessed_at=row["reprocessed_at"],
+        reprocessed_by=row["reprocessed_by"],
+        reprocess_count=row["reprocess_count"],
+    )
+
+
+def _queued(row: asyncpg.Record) -> QueuedRow:
+    return QueuedRow(
+        id=row["id"],
+        dead_letter_id=row["dead_letter_id"],
+        attempt=row["attempt"],
+        provider=Provider(row["provider"]),
+        event_id=row["event_id"],
+        correlation_id=row["correlation_id"],
+        payload_encrypted=row["payload_encrypted"],
+        headers_encrypted=row["headers_encrypted"],
     )
 
 

@@ -7,16 +7,39 @@ includes its audit row: an operation whose audit row cannot be written is not ac
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+import time
 import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
 
+from server import signatures
 from server.audit import Action, Actor, AuditEntry
 from server.crypto import Keyring
-from server.domain import Cursor, ListFilter, NewDeadLetter, OpenedDeadLetter, Page, StoreResult
-from server.errors import Aborted, DeadLetterError, IdempotencyConflict, NotFound
+from server.domain import (
+    Cursor,
+    DeadLetter,
+    FailureKind,
+    ListFilter,
+    NewDeadLetter,
+    OpenedDeadLetter,
+    Page,
+    Status,
+    StoreResult,
+)
+from server.errors import (
+    Aborted,
+    DeadLetterError,
+    FailedPrecondition,
+    IdempotencyConflict,
+    KeyUnavailable,
+    NotFound,
+    RecordCorrupted,
+)
 from server.page_token import PageTokens
-from server.store import NewRecord, SealedRecord, Store, Transaction
+from server.store import NewRecord, QueuedRow, SealedRecord, Store, Transaction
 
 PAYLOAD_FIELD = "payload"
 HEADERS_FIELD = "headers"
@@ -24,12 +47,23 @@ HEADERS_FIELD = "headers"
 _IDEMPOTENT_INSERT_ATTEMPTS = 3
 
 
-class Vault:
-    """Stores, opens and lists dead letters on behalf of an authenticated actor."""
+@dataclass(frozen=True)
+class RecoveryPolicy:
+    """Settings for sending dead letters back and purging them."""
 
-    def __init__(self, store: Store, keyring: Keyring) -> None:
+    app_secrets: list[bytes] = field(default_factory=list)  # empty: signatures are not checked
+    redrive_max_per_second: int = 50
+    redrive_max_batch: int = 10_000
+    purge_batch_size: int = 5_000
+
+
+class Vault:
+    """Stores, opens, lists, sends back and purges dead letters on behalf of an authenticated actor."""
+
+    def __init__(self, store: Store, keyring: Keyring, policy: RecoveryPolicy | None = None) -> None:
         self._store = store
         self._keyring = keyring
+        self._policy = policy or RecoveryPolicy()
         self.page_tokens = PageTokens(keyring.derive(b"page token"))
 
     async def store(self, actor: Actor, letter: NewDeadLetter) -> StoreResult:
@@ -68,7 +102,7 @@ class Vault:
         after = self.page_tokens.decode(page_token, filters) if page_token else None
         async with self._transaction(actor) as tx:
             # One row more than asked tells whether another page follows, without a count.
-            rows = await tx.list(filters, after, page_size + 1)
+            rows = await tx.list_page(filters, after, page_size + 1)
             page = rows[:page_size]
             await tx.audit(
                 AuditEntry(
@@ -83,6 +117,124 @@ class Vault:
             return Page(page, "")
         last = page[-1]
         return Page(page, self.page_tokens.encode(Cursor(last.failed_at, uuid.UUID(last.id)), filters))
+
+    async def reprocess(self, actor: Actor, record_id: uuid.UUID, force: bool) -> ReprocessResult:
+        """Put a dead letter back on the processing queue and mark it reprocessed, atomically, with its audit row."""
+        failure: DeadLetterError | None = None
+        result: ReprocessResult | None = None
+        async with self._transaction(actor) as tx:
+            # The row lock serialises concurrent Reprocess calls: the second one sees the first's outcome.
+            sealed = await tx.get_for_update(record_id)
+            try:
+                if sealed is None:
+                    raise NotFound(str(record_id))
+                self._check_reprocessable(sealed, force)
+                message_id = uuid.uuid4()
+                result = ReprocessResult(await tx.reprocess(record_id, actor.subject, message_id), str(message_id))
+            except DeadLetterError as error:
+                failure = error
+            extra = {"forced": force, "queue_message_id": result.queue_message_id if result else None}
+            await tx.audit(
+                _entry(actor, Action.REPROCESSED, str(record_id), sealed, failure.code if failure else "OK", **extra)
+            )
+        if failure is not None:
+            raise failure
+        assert result is not None
+        return result
+
+    async def redrive(self, actor: Actor, request: RedriveRequest) -> RedriveResult:
+        """Send back every pending, retryable match, no faster than the rate, touching at most the limit."""
+        limit = min(request.limit or self._policy.redrive_max_batch, self._policy.redrive_max_batch)
+        async with self._transaction(actor) as tx:
+            candidates = await tx.redrive_candidates(request.filters, limit + 1)
+        truncated = len(candidates) > limit
+        candidates = candidates[:limit]
+        sendable = [c.id for c in candidates if c.status is Status.PENDING and c.failure_kind is FailureKind.RETRYABLE]
+        skipped = len(candidates) - len(sendable)
+        if request.dry_run:
+            return RedriveResult(len(sendable), skipped, dry_run=True, truncated=truncated)
+        rate = min(request.max_per_second or self._policy.redrive_max_per_second, self._policy.redrive_max_per_second)
+        sent = 0
+        pace = _Pace(rate)
+        for record_id in sendable:
+            await pace.wait()
+            try:
+                await self.reprocess(actor, record_id, force=False)
+                sent += 1
+            except (FailedPrecondition, NotFound, RecordCorrupted, KeyUnavailable):
+                skipped += 1  # changed since it was listed, or cannot be sent: audited by reprocess
+        return RedriveResult(sent, skipped, dry_run=False, truncated=truncated)
+
+    async def claim(self, actor: Actor, lease_seconds: int) -> QueuedWebhook | None:
+        """Lease the next queued webhook to the caller and return it decrypted (audited as viewed)."""
+        async with self._transaction(actor) as tx:
+            row = await tx.claim_queued(lease_seconds, actor.subject)
+            if row is None:
+                return None
+            webhook = self.open_queued(row)
+            await tx.audit(
+                AuditEntry(
+                    actor,
+                    Action.VIEWED,
+                    dead_letter_ids=(str(row.dead_letter_id),),
+                    event_id=row.event_id,
+                    provider=row.provider.value,
+                    correlation_id=row.correlation_id,
+                    metadata={"queue_message_id": str(row.id), "attempt": row.attempt, "claimed": True},
+                )
+            )
+        return webhook
+
+    async def acknowledge(self, actor: Actor, message_id: uuid.UUID) -> None:
+        async with self._transaction(actor) as tx:
+            if await tx.acknowledge_queued(message_id) is None:
+                raise NotFound(str(message_id))
+
+    async def purge(self, actor: Actor, cutoff: datetime, dry_run: bool) -> int:
+        """Delete dead letters that failed before cutoff, a batch per transaction; one audit row for the run."""
+        if dry_run:
+            async with self._transaction(actor) as tx:
+                count = await tx.count_expired(cutoff)
+                await tx.audit(_purge_entry(actor, cutoff, count, dry_run=True))
+            return count
+        total = 0
+        while True:
+            async with self._transaction(actor) as tx:
+                deleted = await tx.purge_batch(cutoff, self._policy.purge_batch_size)
+                total += deleted
+                if deleted < self._policy.purge_batch_size:
+                    # The last batch commits with the run's audit row.
+                    await tx.audit(_purge_entry(actor, cutoff, total, dry_run=False))
+                    return total
+
+    def open_queued(self, row: QueuedRow) -> QueuedWebhook:
+        """Decrypt a queue item: its ciphertexts are the dead letter's, bound to the dead letter's id."""
+        record_id = str(row.dead_letter_id)
+        payload = self._keyring.open(row.payload_encrypted, record_id, PAYLOAD_FIELD)
+        headers = json.loads(self._keyring.open(row.headers_encrypted, record_id, HEADERS_FIELD))
+        return QueuedWebhook(row, payload, headers)
+
+    def _check_reprocessable(self, sealed: SealedRecord, force: bool) -> None:
+        meta = sealed.meta
+        if not force and meta.failure_kind is not FailureKind.RETRYABLE:
+            raise FailedPrecondition(
+                f"dead letter {meta.id} failed as {meta.failure_kind.value}, which retrying cannot fix; "
+                "pass force to send it anyway"
+            )
+        if not force and meta.status is Status.REPROCESSED:
+            raise FailedPrecondition(
+                f"dead letter {meta.id} was already reprocessed ({meta.reprocess_count} time(s)); "
+                "pass force to send it again"
+            )
+        # Always open it: a dead letter that fails authentication must not go back (DATA_LOSS).
+        opened = self._open(sealed)
+        if self._policy.app_secrets and not signatures.verifies(
+            opened.payload, opened.headers, self._policy.app_secrets
+        ):
+            raise FailedPrecondition(
+                f"dead letter {meta.id}: x-hub-signature-256 does not match the payload under any configured app "
+                "secret; it will not be sent back"
+            )
 
     def _transaction(self, actor: Actor) -> contextlib.AbstractAsyncContextManager[Transaction]:
         assert actor.role is not None, "the interceptor lets only callers with a role through"
@@ -103,6 +255,7 @@ class Vault:
             error_message=letter.error_message,
             retry_count=letter.retry_count,
             idempotency_key=letter.idempotency_key,
+            failure_kind=letter.failure_kind,
         )
 
     def _open(self, sealed: SealedRecord) -> OpenedDeadLetter:
@@ -124,10 +277,58 @@ class Vault:
             correlation_id=meta.correlation_id,
             received_at=meta.received_at,
             idempotency_key=meta.idempotency_key,
+            failure_kind=meta.failure_kind,
         )
         if not letter.same_content(earlier):
             raise IdempotencyConflict(meta.id)
         return StoreResult(meta.id, deduplicated=True)
+
+
+@dataclass(frozen=True)
+class ReprocessResult:
+    dead_letter: DeadLetter
+    queue_message_id: str
+
+
+@dataclass(frozen=True)
+class RedriveRequest:
+    filters: ListFilter
+    dry_run: bool
+    max_per_second: int
+    limit: int
+
+
+@dataclass(frozen=True)
+class RedriveResult:
+    sent: int
+    skipped: int
+    dry_run: bool
+    truncated: bool
+
+
+@dataclass(frozen=True)
+class QueuedWebhook:
+    row: QueuedRow
+    payload: bytes
+    headers: dict[str, str]
+
+
+class _Pace:
+    """Spaces calls evenly at most rate per second."""
+
+    def __init__(self, rate: int) -> None:
+        self._interval = 1.0 / max(rate, 1)
+        self._next = time.monotonic()
+
+    async def wait(self) -> None:
+        now = time.monotonic()
+        if self._next > now:
+            await asyncio.sleep(self._next - now)
+        self._next = max(self._next, now) + self._interval
+
+
+def _purge_entry(actor: Actor, cutoff: datetime, count: int, dry_run: bool) -> AuditEntry:
+    return AuditEntry(actor, Action.PURGED, metadata={"count": count, "cutoff": cutoff.isoformat(), "dry_run": dry_run})
 
 
 def _entry(

@@ -71,16 +71,22 @@ REQUESTS: dict[str, Any] = {
     "Get": lambda: pb.GetRequest(id=UNKNOWN_ID),
     "List": lambda: pb.ListRequest(),
     "Reprocess": lambda: pb.ReprocessRequest(id=UNKNOWN_ID),
+    "Redrive": lambda: pb.RedriveRequest(dry_run=True),
+    "ClaimQueued": lambda: pb.ClaimQueuedRequest(),
+    "AcknowledgeQueued": lambda: pb.AcknowledgeQueuedRequest(message_id=UNKNOWN_ID),
     "Purge": lambda: pb.PurgeRequest(dry_run=True),
 }
 ALLOWED = {"service": set(REQUESTS), "admin": {"Get", "List"}}
-# What an allowed call answers with these requests (the id does not exist; two methods are not built yet).
+# What an allowed call answers with these requests (the ids do not exist).
 ALLOWED_OUTCOME = {
     "Store": grpc.StatusCode.OK,
     "Get": grpc.StatusCode.NOT_FOUND,
     "List": grpc.StatusCode.OK,
-    "Reprocess": grpc.StatusCode.UNIMPLEMENTED,
-    "Purge": grpc.StatusCode.UNIMPLEMENTED,
+    "Reprocess": grpc.StatusCode.NOT_FOUND,
+    "Redrive": grpc.StatusCode.OK,
+    "ClaimQueued": grpc.StatusCode.OK,
+    "AcknowledgeQueued": grpc.StatusCode.NOT_FOUND,
+    "Purge": grpc.StatusCode.OK,
 }
 
 

@@ -248,14 +248,3 @@ async def test_get_accepts_an_uppercase_id(stub: Stub) -> None:
     stored = await stub.Store(WHATSAPP.store_request())
     got = await stub.Get(pb.GetRequest(id=stored.id.upper()))
     assert got.dead_letter.id == stored.id
-
-
-async def test_reprocess_and_purge_are_declared_but_unimplemented(stub: Stub, db: asyncpg.Connection) -> None:
-    stored = await stub.Store(WHATSAPP.store_request())
-    with pytest.raises(grpc.aio.AioRpcError) as reprocess:
-        await stub.Reprocess(pb.ReprocessRequest(id=stored.id))
-    with pytest.raises(grpc.aio.AioRpcError) as purge:
-        await stub.Purge(pb.PurgeRequest(dry_run=False))
-    assert reprocess.value.code() == grpc.StatusCode.UNIMPLEMENTED
-    assert purge.value.code() == grpc.StatusCode.UNIMPLEMENTED
-    assert await row_count(db) == 1

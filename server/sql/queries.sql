@@ -12,9 +12,9 @@ SELECT set_config('role', $1, true), set_config('app.actor', $2, true);
 WITH inserted AS (
     INSERT INTO dead_letter_queue (
         id, event_id, provider, received_at, correlation_id, payload_encrypted, headers_encrypted,
-        payload_size_bytes, error_message, retry_count, idempotency_key
+        payload_size_bytes, error_message, retry_count, idempotency_key, failure_kind
     )
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $16)
     ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
     RETURNING id, failed_at, event_id, provider, correlation_id
 ), audited AS (
@@ -29,15 +29,26 @@ INSERT INTO audit_log (actor, role, peer, method, action, outcome, dead_letter_i
                        correlation_id, metadata)
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11);
 
+-- name: get_dead_letter_for_update
+-- Reprocess locks the row: concurrent Reprocess calls for one id queue here and see each other's outcome.
+SELECT id, event_id, provider, correlation_id, error_message, retry_count, received_at, failed_at,
+       payload_size_bytes, idempotency_key, failure_kind, status, reprocessed_at, reprocessed_by, reprocess_count,
+       payload_encrypted, headers_encrypted
+FROM dead_letter_queue
+WHERE id = $1
+FOR UPDATE;
+
 -- name: get_dead_letter
 SELECT id, event_id, provider, correlation_id, error_message, retry_count, received_at, failed_at,
-       payload_size_bytes, idempotency_key, payload_encrypted, headers_encrypted
+       payload_size_bytes, idempotency_key, failure_kind, status, reprocessed_at, reprocessed_by, reprocess_count,
+       payload_encrypted, headers_encrypted
 FROM dead_letter_queue
 WHERE id = $1;
 
 -- name: get_dead_letter_by_idempotency_key
 SELECT id, event_id, provider, correlation_id, error_message, retry_count, received_at, failed_at,
-       payload_size_bytes, idempotency_key, payload_encrypted, headers_encrypted
+       payload_size_bytes, idempotency_key, failure_kind, status, reprocessed_at, reprocessed_by, reprocess_count,
+       payload_encrypted, headers_encrypted
 FROM dead_letter_queue
 WHERE idempotency_key = $1;
 
@@ -45,24 +56,111 @@ WHERE idempotency_key = $1;
 -- Keyset pagination: rows strictly after the cursor ($3, $4) in (failed_at DESC, id DESC) order. The first page
 -- passes NULLs, which sort after every row. Served by dead_letter_queue_failed_at_id_idx.
 SELECT id, event_id, provider, correlation_id, error_message, retry_count, received_at, failed_at,
-       payload_size_bytes, idempotency_key
+       payload_size_bytes, idempotency_key, failure_kind, status, reprocessed_at, reprocessed_by, reprocess_count
 FROM dead_letter_queue
 WHERE failed_at >= COALESCE($1::timestamptz, '-infinity')
   AND failed_at < COALESCE($2::timestamptz, 'infinity')
   AND (failed_at, id) < (COALESCE($3::timestamptz, 'infinity'),
                          COALESCE($4::uuid, 'ffffffff-ffff-ffff-ffff-ffffffffffff'))
+  AND ($6::text IS NULL OR failure_kind = $6)
+  AND ($7::text IS NULL OR status = $7)
 ORDER BY failed_at DESC, id DESC
 LIMIT $5;
 
 -- name: list_dead_letters_by_provider
 -- As list_dead_letters, for one provider; served by dead_letter_queue_provider_failed_at_id_idx.
 SELECT id, event_id, provider, correlation_id, error_message, retry_count, received_at, failed_at,
-       payload_size_bytes, idempotency_key
+       payload_size_bytes, idempotency_key, failure_kind, status, reprocessed_at, reprocessed_by, reprocess_count
 FROM dead_letter_queue
-WHERE provider = $6
+WHERE provider = $8
   AND failed_at >= COALESCE($1::timestamptz, '-infinity')
   AND failed_at < COALESCE($2::timestamptz, 'infinity')
   AND (failed_at, id) < (COALESCE($3::timestamptz, 'infinity'),
                          COALESCE($4::uuid, 'ffffffff-ffff-ffff-ffff-ffffffffffff'))
+  AND ($6::text IS NULL OR failure_kind = $6)
+  AND ($7::text IS NULL OR status = $7)
 ORDER BY failed_at DESC, id DESC
 LIMIT $5;
+
+-- name: reprocess_dead_letter
+-- Marks the dead letter reprocessed and puts it on the outbox, in one statement; the ciphertexts are copied
+-- unchanged (their associated data names the dead letter, not the queue row).
+WITH updated AS (
+    UPDATE dead_letter_queue
+    SET status = 'reprocessed', reprocessed_at = now(), reprocessed_by = $2, reprocess_count = reprocess_count + 1
+    WHERE id = $1
+    RETURNING *
+), queued AS (
+    INSERT INTO webhook_queue (id, dead_letter_id, attempt, provider, event_id, correlation_id, payload_encrypted,
+                               headers_encrypted)
+    SELECT $3, id, reprocess_count, provider, event_id, correlation_id, payload_encrypted, headers_encrypted
+    FROM updated
+)
+SELECT id, event_id, provider, correlation_id, error_message, retry_count, received_at, failed_at,
+       payload_size_bytes, idempotency_key, failure_kind, status, reprocessed_at, reprocessed_by, reprocess_count
+FROM updated;
+
+-- name: redrive_candidates
+-- Dead letters a Redrive would consider, oldest failure first. The caller asks for one more than its limit to
+-- learn whether it was cut short.
+SELECT id, failure_kind, status
+FROM dead_letter_queue
+WHERE failed_at >= COALESCE($1::timestamptz, '-infinity')
+  AND failed_at < COALESCE($2::timestamptz, 'infinity')
+  AND ($3::text IS NULL OR provider = $3)
+  AND ($4::text IS NULL OR failure_kind = $4)
+ORDER BY failed_at, id
+LIMIT $5;
+
+-- name: claim_queued
+-- The next available item, leased to the caller; SKIP LOCKED lets many workers claim at once.
+UPDATE webhook_queue
+SET available_at = now() + make_interval(secs => $1), claimed_by = $2, claim_count = claim_count + 1
+WHERE id = (
+    SELECT id FROM webhook_queue
+    WHERE available_at <= now()
+    ORDER BY available_at, enqueued_at
+    LIMIT 1
+    FOR UPDATE SKIP LOCKED
+)
+RETURNING id, dead_letter_id, attempt, provider, event_id, correlation_id, payload_encrypted, headers_encrypted;
+
+-- name: acknowledge_queued
+DELETE FROM webhook_queue WHERE id = $1 RETURNING dead_letter_id;
+
+-- name: relay_batch
+-- Items for the broker relay, locked until its transaction ends: a relay that dies mid-batch leaves them for
+-- the next run (which republishes them under the same message ids).
+SELECT id, dead_letter_id, attempt, provider, event_id, correlation_id, payload_encrypted, headers_encrypted
+FROM webhook_queue
+WHERE available_at <= now()
+ORDER BY enqueued_at
+LIMIT $1
+FOR UPDATE SKIP LOCKED;
+
+-- name: delete_queued
+DELETE FROM webhook_queue WHERE id = ANY($1::uuid[]);
+
+-- name: count_expired
+SELECT count(*) FROM dead_letter_queue WHERE failed_at < $1;
+
+-- name: purge_batch
+-- One batch of a purge: a few thousand rows per transaction, so no lock is held for long and Store never waits.
+WITH doomed AS (
+    SELECT id FROM dead_letter_queue
+    WHERE failed_at < $1
+    ORDER BY failed_at
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+)
+DELETE FROM dead_letter_queue AS d USING doomed WHERE d.id = doomed.id;
+
+-- name: try_retention_lock
+SELECT pg_try_advisory_xact_lock($1);
+
+-- name: claim_retention_run
+-- The first replica to record today's run performs it; the others find the row and skip.
+INSERT INTO retention_runs (run_on, cutoff) VALUES ($1, $2) ON CONFLICT (run_on) DO NOTHING RETURNING run_on;
+
+-- name: finish_retention_run
+UPDATE retention_runs SET purged = $2 WHERE run_on = $1;

@@ -25,6 +25,62 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _FailureKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _FailureKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FailureKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    FAILURE_KIND_UNSPECIFIED: _FailureKind.ValueType  # 0
+    """Not set: Store records RETRYABLE."""
+    FAILURE_KIND_RETRYABLE: _FailureKind.ValueType  # 1
+    """A transient cause (database or network error, timeout, rate limit): fit to send back once fixed."""
+    FAILURE_KIND_SIGNATURE_INVALID: _FailureKind.ValueType  # 2
+    """The x-hub-signature-256 header did not verify. Not sent back unless forced."""
+    FAILURE_KIND_MALFORMED_PAYLOAD: _FailureKind.ValueType  # 3
+    """The body could not be parsed or failed validation. Not sent back unless forced."""
+    FAILURE_KIND_PERMANENT: _FailureKind.ValueType  # 4
+    """Any other error that retrying cannot fix. Not sent back unless forced."""
+
+class FailureKind(_FailureKind, metaclass=_FailureKindEnumTypeWrapper):
+    """Why the last processing attempt failed, as the worker classified it."""
+
+FAILURE_KIND_UNSPECIFIED: FailureKind.ValueType  # 0
+"""Not set: Store records RETRYABLE."""
+FAILURE_KIND_RETRYABLE: FailureKind.ValueType  # 1
+"""A transient cause (database or network error, timeout, rate limit): fit to send back once fixed."""
+FAILURE_KIND_SIGNATURE_INVALID: FailureKind.ValueType  # 2
+"""The x-hub-signature-256 header did not verify. Not sent back unless forced."""
+FAILURE_KIND_MALFORMED_PAYLOAD: FailureKind.ValueType  # 3
+"""The body could not be parsed or failed validation. Not sent back unless forced."""
+FAILURE_KIND_PERMANENT: FailureKind.ValueType  # 4
+"""Any other error that retrying cannot fix. Not sent back unless forced."""
+Global___FailureKind: _TypeAlias = FailureKind  # noqa: Y015
+
+class _Status:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _StatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Status.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    STATUS_UNSPECIFIED: _Status.ValueType  # 0
+    """Not set; in a List filter, every status."""
+    STATUS_PENDING: _Status.ValueType  # 1
+    """Stored, not sent back yet."""
+    STATUS_REPROCESSED: _Status.ValueType  # 2
+    """Sent back for processing at least once (kept until retention removes it)."""
+
+class Status(_Status, metaclass=_StatusEnumTypeWrapper):
+    """Where a dead letter is in its life."""
+
+STATUS_UNSPECIFIED: Status.ValueType  # 0
+"""Not set; in a List filter, every status."""
+STATUS_PENDING: Status.ValueType  # 1
+"""Stored, not sent back yet."""
+STATUS_REPROCESSED: Status.ValueType  # 2
+"""Sent back for processing at least once (kept until retention removes it)."""
+Global___Status: _TypeAlias = Status  # noqa: Y015
+
 class _Provider:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -69,6 +125,11 @@ class DeadLetter(_message.Message):
     FAILED_AT_FIELD_NUMBER: _builtins.int
     PAYLOAD_SIZE_BYTES_FIELD_NUMBER: _builtins.int
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    FAILURE_KIND_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    REPROCESSED_AT_FIELD_NUMBER: _builtins.int
+    REPROCESSED_BY_FIELD_NUMBER: _builtins.int
+    REPROCESS_COUNT_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Server-assigned id, a UUID in its canonical lowercase 36-character form."""
     event_id: _builtins.str
@@ -85,6 +146,14 @@ class DeadLetter(_message.Message):
     """Size in bytes of the stored payload."""
     idempotency_key: _builtins.str
     """The idempotency key given to Store, empty if none was given."""
+    failure_kind: Global___FailureKind.ValueType
+    """How the worker classified the failure."""
+    status: Global___Status.ValueType
+    """Pending, or reprocessed."""
+    reprocessed_by: _builtins.str
+    """Who last sent it back (the token's subject); empty while pending."""
+    reprocess_count: _builtins.int
+    """How many times it was sent back."""
     @_builtins.property
     def received_at(self) -> _timestamp_pb2.Timestamp:
         """When the webhook reached the platform's receiving endpoint (microsecond precision)."""
@@ -92,6 +161,10 @@ class DeadLetter(_message.Message):
     @_builtins.property
     def failed_at(self) -> _timestamp_pb2.Timestamp:
         """When the dead letter was stored: the server's clock at Store time (microsecond precision). List orders by it."""
+
+    @_builtins.property
+    def reprocessed_at(self) -> _timestamp_pb2.Timestamp:
+        """When it was last sent back for processing; unset while pending."""
 
     def __init__(
         self,
@@ -106,10 +179,15 @@ class DeadLetter(_message.Message):
         failed_at: _timestamp_pb2.Timestamp | None = ...,
         payload_size_bytes: _builtins.int = ...,
         idempotency_key: _builtins.str = ...,
+        failure_kind: Global___FailureKind.ValueType = ...,
+        status: Global___Status.ValueType = ...,
+        reprocessed_at: _timestamp_pb2.Timestamp | None = ...,
+        reprocessed_by: _builtins.str = ...,
+        reprocess_count: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["failed_at", b"failed_at", "received_at", b"received_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["failed_at", b"failed_at", "received_at", b"received_at", "reprocessed_at", b"reprocessed_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["correlation_id", b"correlation_id", "error_message", b"error_message", "event_id", b"event_id", "failed_at", b"failed_at", "id", b"id", "idempotency_key", b"idempotency_key", "payload_size_bytes", b"payload_size_bytes", "provider", b"provider", "received_at", b"received_at", "retry_count", b"retry_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["correlation_id", b"correlation_id", "error_message", b"error_message", "event_id", b"event_id", "failed_at", b"failed_at", "failure_kind", b"failure_kind", "id", b"id", "idempotency_key", b"idempotency_key", "payload_size_bytes", b"payload_size_bytes", "provider", b"provider", "received_at", b"received_at", "reprocess_count", b"reprocess_count", "reprocessed_at", b"reprocessed_at", "reprocessed_by", b"reprocessed_by", "retry_count", b"retry_count", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -150,6 +228,7 @@ class StoreRequest(_message.Message):
     CORRELATION_ID_FIELD_NUMBER: _builtins.int
     RECEIVED_AT_FIELD_NUMBER: _builtins.int
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    FAILURE_KIND_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
     """Required. The platform's event id (for example a WhatsApp message id), or a hash of the body when the
     platform gives none. At most 512 characters.
@@ -175,6 +254,10 @@ class StoreRequest(_message.Message):
     fails with ALREADY_EXISTS. Without a key every Store creates a record. Stored and listed in plaintext, so
     it must not contain personal data: use a random UUID per delivery. At most 256 characters.
     """
+    failure_kind: Global___FailureKind.ValueType
+    """Optional. How the worker classified the failure; unset means FAILURE_KIND_RETRYABLE. Only retryable
+    failures go back for processing without force.
+    """
     @_builtins.property
     def headers(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """The HTTP headers that came with the delivery, at least x-hub-signature-256 and content-type when present.
@@ -197,10 +280,11 @@ class StoreRequest(_message.Message):
         correlation_id: _builtins.str = ...,
         received_at: _timestamp_pb2.Timestamp | None = ...,
         idempotency_key: _builtins.str = ...,
+        failure_kind: Global___FailureKind.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["received_at", b"received_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["correlation_id", b"correlation_id", "error_message", b"error_message", "event_id", b"event_id", "headers", b"headers", "idempotency_key", b"idempotency_key", "payload", b"payload", "provider", b"provider", "received_at", b"received_at", "retry_count", b"retry_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["correlation_id", b"correlation_id", "error_message", b"error_message", "event_id", b"event_id", "failure_kind", b"failure_kind", "headers", b"headers", "idempotency_key", b"idempotency_key", "payload", b"payload", "provider", b"provider", "received_at", b"received_at", "retry_count", b"retry_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -319,6 +403,8 @@ class ListRequest(_message.Message):
     FAILED_BEFORE_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    FAILURE_KIND_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
     provider: Global___Provider.ValueType
     """Only dead letters from this platform; PROVIDER_UNSPECIFIED means every platform."""
     page_size: _builtins.int
@@ -329,6 +415,10 @@ class ListRequest(_message.Message):
     """A next_page_token from an earlier List with the same filters; empty for the first page. A token from other
     filters, or one that was altered, is rejected with INVALID_ARGUMENT.
     """
+    failure_kind: Global___FailureKind.ValueType
+    """Only dead letters of this failure kind; FAILURE_KIND_UNSPECIFIED means every kind."""
+    status: Global___Status.ValueType
+    """Only dead letters in this status; STATUS_UNSPECIFIED means every status."""
     @_builtins.property
     def failed_after(self) -> _timestamp_pb2.Timestamp:
         """Only dead letters with failed_at at or after this time (inclusive)."""
@@ -345,10 +435,12 @@ class ListRequest(_message.Message):
         failed_before: _timestamp_pb2.Timestamp | None = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        failure_kind: Global___FailureKind.ValueType = ...,
+        status: Global___Status.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["failed_after", b"failed_after", "failed_before", b"failed_before"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["failed_after", b"failed_after", "failed_before", b"failed_before", "page_size", b"page_size", "page_token", b"page_token", "provider", b"provider"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["failed_after", b"failed_after", "failed_before", b"failed_before", "failure_kind", b"failure_kind", "page_size", b"page_size", "page_token", b"page_token", "provider", b"provider", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -384,7 +476,7 @@ Global___ListResponse: _TypeAlias = ListResponse  # noqa: Y015
 
 @_typing.final
 class ReprocessRequest(_message.Message):
-    """Request for Reprocess (not implemented yet: answers UNIMPLEMENTED)."""
+    """Request for Reprocess."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -393,7 +485,9 @@ class ReprocessRequest(_message.Message):
     id: _builtins.str
     """Required. The dead letter's id."""
     force: _builtins.bool
-    """Send it back even if it was already reprocessed or its failure is not retryable. Audited as forced."""
+    """Send it back even if it was already reprocessed or its failure is not retryable. Audited as forced. Does
+    not override a signature that fails to verify.
+    """
     def __init__(
         self,
         *,
@@ -415,6 +509,9 @@ class ReprocessResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     DEAD_LETTER_FIELD_NUMBER: _builtins.int
+    QUEUE_MESSAGE_ID_FIELD_NUMBER: _builtins.int
+    queue_message_id: _builtins.str
+    """The id of the message put on the processing queue."""
     @_builtins.property
     def dead_letter(self) -> Global___DeadLetter:
         """The dead letter after it was sent back."""
@@ -423,18 +520,257 @@ class ReprocessResponse(_message.Message):
         self,
         *,
         dead_letter: Global___DeadLetter | None = ...,
+        queue_message_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["dead_letter", b"dead_letter"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dead_letter", b"dead_letter"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dead_letter", b"dead_letter", "queue_message_id", b"queue_message_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReprocessResponse: _TypeAlias = ReprocessResponse  # noqa: Y015
 
 @_typing.final
+class RedriveRequest(_message.Message):
+    """Request for Redrive. Filters combine with AND; only pending dead letters of retryable kind are sent."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROVIDER_FIELD_NUMBER: _builtins.int
+    FAILED_AFTER_FIELD_NUMBER: _builtins.int
+    FAILED_BEFORE_FIELD_NUMBER: _builtins.int
+    FAILURE_KIND_FIELD_NUMBER: _builtins.int
+    DRY_RUN_FIELD_NUMBER: _builtins.int
+    MAX_PER_SECOND_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    provider: Global___Provider.ValueType
+    """Only this platform; PROVIDER_UNSPECIFIED means every platform."""
+    failure_kind: Global___FailureKind.ValueType
+    """Only this failure kind; unset means RETRYABLE. Other kinds are counted as skipped, never sent."""
+    dry_run: _builtins.bool
+    """Only count what would be sent and skipped; send nothing."""
+    max_per_second: _builtins.int
+    """Most dead letters sent per second; 0 means the server's default (DEADLETTER_REDRIVE_MAX_PER_SECOND)."""
+    limit: _builtins.int
+    """Most dead letters this call may touch; 0 means the server's maximum (DEADLETTER_REDRIVE_MAX_BATCH)."""
+    @_builtins.property
+    def failed_after(self) -> _timestamp_pb2.Timestamp:
+        """Only dead letters with failed_at at or after this time."""
+
+    @_builtins.property
+    def failed_before(self) -> _timestamp_pb2.Timestamp:
+        """Only dead letters with failed_at before this time."""
+
+    def __init__(
+        self,
+        *,
+        provider: Global___Provider.ValueType = ...,
+        failed_after: _timestamp_pb2.Timestamp | None = ...,
+        failed_before: _timestamp_pb2.Timestamp | None = ...,
+        failure_kind: Global___FailureKind.ValueType = ...,
+        dry_run: _builtins.bool = ...,
+        max_per_second: _builtins.int = ...,
+        limit: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["failed_after", b"failed_after", "failed_before", b"failed_before"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dry_run", b"dry_run", "failed_after", b"failed_after", "failed_before", b"failed_before", "failure_kind", b"failure_kind", "limit", b"limit", "max_per_second", b"max_per_second", "provider", b"provider"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RedriveRequest: _TypeAlias = RedriveRequest  # noqa: Y015
+
+@_typing.final
+class RedriveResponse(_message.Message):
+    """Response for Redrive."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SENT_FIELD_NUMBER: _builtins.int
+    SKIPPED_FIELD_NUMBER: _builtins.int
+    DRY_RUN_FIELD_NUMBER: _builtins.int
+    TRUNCATED_FIELD_NUMBER: _builtins.int
+    sent: _builtins.int
+    """How many were sent back (for a dry run: would be)."""
+    skipped: _builtins.int
+    """How many matched the filters but were not sent: not retryable, or already reprocessed."""
+    dry_run: _builtins.bool
+    """Echoes the request's dry_run."""
+    truncated: _builtins.bool
+    """True when the limit stopped the run before every match was handled: call again to continue."""
+    def __init__(
+        self,
+        *,
+        sent: _builtins.int = ...,
+        skipped: _builtins.int = ...,
+        dry_run: _builtins.bool = ...,
+        truncated: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dry_run", b"dry_run", "sent", b"sent", "skipped", b"skipped", "truncated", b"truncated"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RedriveResponse: _TypeAlias = RedriveResponse  # noqa: Y015
+
+@_typing.final
+class ClaimQueuedRequest(_message.Message):
+    """Request for ClaimQueued."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEASE_SECONDS_FIELD_NUMBER: _builtins.int
+    lease_seconds: _builtins.int
+    """How long the claim lasts before the item is offered again; 0 means 300 seconds. At most 3600."""
+    def __init__(
+        self,
+        *,
+        lease_seconds: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_seconds", b"lease_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClaimQueuedRequest: _TypeAlias = ClaimQueuedRequest  # noqa: Y015
+
+@_typing.final
+class QueuedWebhook(_message.Message):
+    """A webhook sent back for processing, decrypted for the worker that claimed it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class HeadersEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    MESSAGE_ID_FIELD_NUMBER: _builtins.int
+    DEAD_LETTER_ID_FIELD_NUMBER: _builtins.int
+    PROVIDER_FIELD_NUMBER: _builtins.int
+    EVENT_ID_FIELD_NUMBER: _builtins.int
+    CORRELATION_ID_FIELD_NUMBER: _builtins.int
+    PAYLOAD_FIELD_NUMBER: _builtins.int
+    HEADERS_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    message_id: _builtins.str
+    """The queue message id: pass it to AcknowledgeQueued."""
+    dead_letter_id: _builtins.str
+    """The dead letter it came from."""
+    provider: Global___Provider.ValueType
+    event_id: _builtins.str
+    correlation_id: _builtins.str
+    payload: _builtins.bytes
+    """The raw body, byte for byte as first delivered."""
+    attempt: _builtins.int
+    """Which reprocessing of the dead letter this is (1 for the first)."""
+    @_builtins.property
+    def headers(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The delivery's HTTP headers."""
+
+    def __init__(
+        self,
+        *,
+        message_id: _builtins.str = ...,
+        dead_letter_id: _builtins.str = ...,
+        provider: Global___Provider.ValueType = ...,
+        event_id: _builtins.str = ...,
+        correlation_id: _builtins.str = ...,
+        payload: _builtins.bytes = ...,
+        headers: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        attempt: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "correlation_id", b"correlation_id", "dead_letter_id", b"dead_letter_id", "event_id", b"event_id", "headers", b"headers", "message_id", b"message_id", "payload", b"payload", "provider", b"provider"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___QueuedWebhook: _TypeAlias = QueuedWebhook  # noqa: Y015
+
+@_typing.final
+class ClaimQueuedResponse(_message.Message):
+    """Response for ClaimQueued."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WEBHOOK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def webhook(self) -> Global___QueuedWebhook:
+        """The claimed webhook; unset when the queue holds nothing available."""
+
+    def __init__(
+        self,
+        *,
+        webhook: Global___QueuedWebhook | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["webhook", b"webhook"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["webhook", b"webhook"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClaimQueuedResponse: _TypeAlias = ClaimQueuedResponse  # noqa: Y015
+
+@_typing.final
+class AcknowledgeQueuedRequest(_message.Message):
+    """Request for AcknowledgeQueued."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGE_ID_FIELD_NUMBER: _builtins.int
+    message_id: _builtins.str
+    """Required. The message_id from ClaimQueued."""
+    def __init__(
+        self,
+        *,
+        message_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["message_id", b"message_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AcknowledgeQueuedRequest: _TypeAlias = AcknowledgeQueuedRequest  # noqa: Y015
+
+@_typing.final
+class AcknowledgeQueuedResponse(_message.Message):
+    """Response for AcknowledgeQueued."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AcknowledgeQueuedResponse: _TypeAlias = AcknowledgeQueuedResponse  # noqa: Y015
+
+@_typing.final
 class PurgeRequest(_message.Message):
-    """Request for Purge (not implemented yet: answers UNIMPLEMENTED)."""
+    """Request for Purge."""
 
     DESCRIPTOR: _descriptor.Descriptor
 

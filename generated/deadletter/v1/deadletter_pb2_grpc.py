@@ -64,6 +64,21 @@ class DeadLetterServiceStub:
                 request_serializer=deadletter_dot_v1_dot_deadletter__pb2.ReprocessRequest.SerializeToString,
                 response_deserializer=deadletter_dot_v1_dot_deadletter__pb2.ReprocessResponse.FromString,
                 _registered_method=True)
+        self.Redrive = channel.unary_unary(
+                '/deadletter.v1.DeadLetterService/Redrive',
+                request_serializer=deadletter_dot_v1_dot_deadletter__pb2.RedriveRequest.SerializeToString,
+                response_deserializer=deadletter_dot_v1_dot_deadletter__pb2.RedriveResponse.FromString,
+                _registered_method=True)
+        self.ClaimQueued = channel.unary_unary(
+                '/deadletter.v1.DeadLetterService/ClaimQueued',
+                request_serializer=deadletter_dot_v1_dot_deadletter__pb2.ClaimQueuedRequest.SerializeToString,
+                response_deserializer=deadletter_dot_v1_dot_deadletter__pb2.ClaimQueuedResponse.FromString,
+                _registered_method=True)
+        self.AcknowledgeQueued = channel.unary_unary(
+                '/deadletter.v1.DeadLetterService/AcknowledgeQueued',
+                request_serializer=deadletter_dot_v1_dot_deadletter__pb2.AcknowledgeQueuedRequest.SerializeToString,
+                response_deserializer=deadletter_dot_v1_dot_deadletter__pb2.AcknowledgeQueuedResponse.FromString,
+                _registered_method=True)
         self.Purge = channel.unary_unary(
                 '/deadletter.v1.DeadLetterService/Purge',
                 request_serializer=deadletter_dot_v1_dot_deadletter__pb2.PurgeRequest.SerializeToString,
@@ -107,14 +122,39 @@ class DeadLetterServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Reprocess(self, request, context):
-        """Sends one dead letter back for processing.
+        """Sends one dead letter back for processing: puts it on the processing queue (the webhook_queue outbox) and
+        marks it reprocessed, atomically. FAILED_PRECONDITION for a non-retryable failure kind or a dead letter
+        already reprocessed (unless force), and for a payload whose x-hub-signature-256 does not verify.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Redrive(self, request, context):
+        """Sends back every pending, retryable dead letter matching a filter, at most max_per_second, like SQS's
+        redrive. Run with dry_run first to see the count. Running it twice sends nothing twice.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ClaimQueued(self, request, context):
+        """Claims the next re-queued webhook for processing and returns it decrypted (for workers without a broker).
+        The claim is a lease: unacknowledged, the item is offered again when the lease ends.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AcknowledgeQueued(self, request, context):
+        """Confirms a claimed webhook was processed; it leaves the queue.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Purge(self, request, context):
-        """Deletes dead letters that failed before a cut-off.
+        """Deletes dead letters that failed before a cut-off, in batches. The audit trail is never purged.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -142,6 +182,21 @@ def add_DeadLetterServiceServicer_to_server(servicer, server):
                     servicer.Reprocess,
                     request_deserializer=deadletter_dot_v1_dot_deadletter__pb2.ReprocessRequest.FromString,
                     response_serializer=deadletter_dot_v1_dot_deadletter__pb2.ReprocessResponse.SerializeToString,
+            ),
+            'Redrive': grpc.unary_unary_rpc_method_handler(
+                    servicer.Redrive,
+                    request_deserializer=deadletter_dot_v1_dot_deadletter__pb2.RedriveRequest.FromString,
+                    response_serializer=deadletter_dot_v1_dot_deadletter__pb2.RedriveResponse.SerializeToString,
+            ),
+            'ClaimQueued': grpc.unary_unary_rpc_method_handler(
+                    servicer.ClaimQueued,
+                    request_deserializer=deadletter_dot_v1_dot_deadletter__pb2.ClaimQueuedRequest.FromString,
+                    response_serializer=deadletter_dot_v1_dot_deadletter__pb2.ClaimQueuedResponse.SerializeToString,
+            ),
+            'AcknowledgeQueued': grpc.unary_unary_rpc_method_handler(
+                    servicer.AcknowledgeQueued,
+                    request_deserializer=deadletter_dot_v1_dot_deadletter__pb2.AcknowledgeQueuedRequest.FromString,
+                    response_serializer=deadletter_dot_v1_dot_deadletter__pb2.AcknowledgeQueuedResponse.SerializeToString,
             ),
             'Purge': grpc.unary_unary_rpc_method_handler(
                     servicer.Purge,
@@ -267,6 +322,87 @@ class DeadLetterService:
             '/deadletter.v1.DeadLetterService/Reprocess',
             deadletter_dot_v1_dot_deadletter__pb2.ReprocessRequest.SerializeToString,
             deadletter_dot_v1_dot_deadletter__pb2.ReprocessResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Redrive(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/deadletter.v1.DeadLetterService/Redrive',
+            deadletter_dot_v1_dot_deadletter__pb2.RedriveRequest.SerializeToString,
+            deadletter_dot_v1_dot_deadletter__pb2.RedriveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClaimQueued(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/deadletter.v1.DeadLetterService/ClaimQueued',
+            deadletter_dot_v1_dot_deadletter__pb2.ClaimQueuedRequest.SerializeToString,
+            deadletter_dot_v1_dot_deadletter__pb2.ClaimQueuedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AcknowledgeQueued(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/deadletter.v1.DeadLetterService/AcknowledgeQueued',
+            deadletter_dot_v1_dot_deadletter__pb2.AcknowledgeQueuedRequest.SerializeToString,
+            deadletter_dot_v1_dot_deadletter__pb2.AcknowledgeQueuedResponse.FromString,
             options,
             channel_credentials,
             insecure,

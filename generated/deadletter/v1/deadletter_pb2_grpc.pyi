@@ -56,9 +56,22 @@ class DeadLetterServiceStub:
     List: _grpc.UnaryUnaryMultiCallable[_deadletter_pb2.ListRequest, _deadletter_pb2.ListResponse]
     """Lists dead letters, newest failure first, without payloads or headers."""
     Reprocess: _grpc.UnaryUnaryMultiCallable[_deadletter_pb2.ReprocessRequest, _deadletter_pb2.ReprocessResponse]
-    """Sends one dead letter back for processing."""
+    """Sends one dead letter back for processing: puts it on the processing queue (the webhook_queue outbox) and
+    marks it reprocessed, atomically. FAILED_PRECONDITION for a non-retryable failure kind or a dead letter
+    already reprocessed (unless force), and for a payload whose x-hub-signature-256 does not verify.
+    """
+    Redrive: _grpc.UnaryUnaryMultiCallable[_deadletter_pb2.RedriveRequest, _deadletter_pb2.RedriveResponse]
+    """Sends back every pending, retryable dead letter matching a filter, at most max_per_second, like SQS's
+    redrive. Run with dry_run first to see the count. Running it twice sends nothing twice.
+    """
+    ClaimQueued: _grpc.UnaryUnaryMultiCallable[_deadletter_pb2.ClaimQueuedRequest, _deadletter_pb2.ClaimQueuedResponse]
+    """Claims the next re-queued webhook for processing and returns it decrypted (for workers without a broker).
+    The claim is a lease: unacknowledged, the item is offered again when the lease ends.
+    """
+    AcknowledgeQueued: _grpc.UnaryUnaryMultiCallable[_deadletter_pb2.AcknowledgeQueuedRequest, _deadletter_pb2.AcknowledgeQueuedResponse]
+    """Confirms a claimed webhook was processed; it leaves the queue."""
     Purge: _grpc.UnaryUnaryMultiCallable[_deadletter_pb2.PurgeRequest, _deadletter_pb2.PurgeResponse]
-    """Deletes dead letters that failed before a cut-off."""
+    """Deletes dead letters that failed before a cut-off, in batches. The audit trail is never purged."""
 
 @_typing.type_check_only
 class DeadLetterServiceAsyncStub(DeadLetterServiceStub):
@@ -84,9 +97,22 @@ class DeadLetterServiceAsyncStub(DeadLetterServiceStub):
     List: _aio.UnaryUnaryMultiCallable[_deadletter_pb2.ListRequest, _deadletter_pb2.ListResponse]  # type: ignore[assignment]
     """Lists dead letters, newest failure first, without payloads or headers."""
     Reprocess: _aio.UnaryUnaryMultiCallable[_deadletter_pb2.ReprocessRequest, _deadletter_pb2.ReprocessResponse]  # type: ignore[assignment]
-    """Sends one dead letter back for processing."""
+    """Sends one dead letter back for processing: puts it on the processing queue (the webhook_queue outbox) and
+    marks it reprocessed, atomically. FAILED_PRECONDITION for a non-retryable failure kind or a dead letter
+    already reprocessed (unless force), and for a payload whose x-hub-signature-256 does not verify.
+    """
+    Redrive: _aio.UnaryUnaryMultiCallable[_deadletter_pb2.RedriveRequest, _deadletter_pb2.RedriveResponse]  # type: ignore[assignment]
+    """Sends back every pending, retryable dead letter matching a filter, at most max_per_second, like SQS's
+    redrive. Run with dry_run first to see the count. Running it twice sends nothing twice.
+    """
+    ClaimQueued: _aio.UnaryUnaryMultiCallable[_deadletter_pb2.ClaimQueuedRequest, _deadletter_pb2.ClaimQueuedResponse]  # type: ignore[assignment]
+    """Claims the next re-queued webhook for processing and returns it decrypted (for workers without a broker).
+    The claim is a lease: unacknowledged, the item is offered again when the lease ends.
+    """
+    AcknowledgeQueued: _aio.UnaryUnaryMultiCallable[_deadletter_pb2.AcknowledgeQueuedRequest, _deadletter_pb2.AcknowledgeQueuedResponse]  # type: ignore[assignment]
+    """Confirms a claimed webhook was processed; it leaves the queue."""
     Purge: _aio.UnaryUnaryMultiCallable[_deadletter_pb2.PurgeRequest, _deadletter_pb2.PurgeResponse]  # type: ignore[assignment]
-    """Deletes dead letters that failed before a cut-off."""
+    """Deletes dead letters that failed before a cut-off, in batches. The audit trail is never purged."""
 
 class DeadLetterServiceServicer(metaclass=_abc_1.ABCMeta):
     """Keeps webhook deliveries that failed processing after all retries, encrypted at rest, until they are sent
@@ -133,7 +159,38 @@ class DeadLetterServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _deadletter_pb2.ReprocessRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_deadletter_pb2.ReprocessResponse, _abc.Awaitable[_deadletter_pb2.ReprocessResponse]]:
-        """Sends one dead letter back for processing."""
+        """Sends one dead letter back for processing: puts it on the processing queue (the webhook_queue outbox) and
+        marks it reprocessed, atomically. FAILED_PRECONDITION for a non-retryable failure kind or a dead letter
+        already reprocessed (unless force), and for a payload whose x-hub-signature-256 does not verify.
+        """
+
+    @_abc_1.abstractmethod
+    def Redrive(
+        self,
+        request: _deadletter_pb2.RedriveRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_deadletter_pb2.RedriveResponse, _abc.Awaitable[_deadletter_pb2.RedriveResponse]]:
+        """Sends back every pending, retryable dead letter matching a filter, at most max_per_second, like SQS's
+        redrive. Run with dry_run first to see the count. Running it twice sends nothing twice.
+        """
+
+    @_abc_1.abstractmethod
+    def ClaimQueued(
+        self,
+        request: _deadletter_pb2.ClaimQueuedRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_deadletter_pb2.ClaimQueuedResponse, _abc.Awaitable[_deadletter_pb2.ClaimQueuedResponse]]:
+        """Claims the next re-queued webhook for processing and returns it decrypted (for workers without a broker).
+        The claim is a lease: unacknowledged, the item is offered again when the lease ends.
+        """
+
+    @_abc_1.abstractmethod
+    def AcknowledgeQueued(
+        self,
+        request: _deadletter_pb2.AcknowledgeQueuedRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_deadletter_pb2.AcknowledgeQueuedResponse, _abc.Awaitable[_deadletter_pb2.AcknowledgeQueuedResponse]]:
+        """Confirms a claimed webhook was processed; it leaves the queue."""
 
     @_abc_1.abstractmethod
     def Purge(
@@ -141,6 +198,6 @@ class DeadLetterServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _deadletter_pb2.PurgeRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_deadletter_pb2.PurgeResponse, _abc.Awaitable[_deadletter_pb2.PurgeResponse]]:
-        """Deletes dead letters that failed before a cut-off."""
+        """Deletes dead letters that failed before a cut-off, in batches. The audit trail is never purged."""
 
 def add_DeadLetterServiceServicer_to_server(servicer: DeadLetterServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
