@@ -22,6 +22,8 @@ from server.config import ConfigError, Settings, app_secrets
 from server.crypto import Keyring, generate_key
 from server.domain import REQUEST_OVERHEAD_BYTES
 from server.migrate import check_login_role, migrate, provision_login_role
+from server.relay import RabbitRelay
+from server.retention import Retention
 from server.servicer import DeadLetterServicer
 from server.status import StatusInterceptor
 from server.store import Store, create_pool
@@ -39,6 +41,8 @@ class Application:
     health: HealthServicer
     pool: asyncpg.Pool
     port: int
+    retention: Retention | None = None
+    relay: RabbitRelay | None = None
     embedded_postgres: Any = None
 
     @property
@@ -46,8 +50,12 @@ class Application:
         return f"{self.settings.listen.rpartition(':')[0]}:{self.port}"
 
     async def stop(self, grace: float | None = None) -> None:
-        """Refuse new calls, let in-flight ones finish within grace, then close the pool."""
+        """Refuse new calls, stop the jobs, let in-flight calls finish within grace, then close the pool."""
         await self.health.enter_graceful_shutdown()
+        if self.retention is not None:
+            self.retention.shutdown()
+        if self.relay is not None:
+            await self.relay.stop()
         await self.server.stop(self.settings.shutdown_grace_seconds if grace is None else grace)
         await self.pool.close()
         if self.embedded_postgres is not None:
@@ -92,9 +100,18 @@ async def start(settings: Settings) -> Application:
     except BaseException:
         await pool.close()
         raise
+    application = Application(
+        settings, server, health_servicer, pool, port, embedded_postgres=secrets.embedded_postgres
+    )
+    if settings.retention_enabled:
+        application.retention = Retention(vault, store, settings.retention_days, settings.retention_cron)
+        application.retention.start()
+    if settings.rabbitmq_url:
+        application.relay = RabbitRelay(store, vault, settings.rabbitmq_url, settings.rabbitmq_queue)
+        application.relay.start()
     for service in ("", SERVICE_NAME):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
-    return Application(settings, server, health_servicer, pool, port, secrets.embedded_postgres)
+    return application
 
 
 @dataclass(frozen=True)

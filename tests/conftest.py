@@ -6,13 +6,14 @@ instance for the session. Migrations run once into a template database; each tes
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import os
 import tempfile
 import uuid
 import warnings
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -235,6 +236,15 @@ def stub(channel: grpc.aio.Channel) -> Stub:
 async def admin_stub(server: app.Application) -> AsyncIterator[Stub]:
     async with channel_to(server.address, token(Role.ADMIN, "compliance-officer@clinic.example")) as channel:
         yield pb_grpc.DeadLetterServiceStub(channel)
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], within: float, every: float = 0.2) -> bool:
+    """Poll check until it holds or within seconds pass; return its last answer."""
+    for _ in range(max(1, int(within / every))):
+        if await check():
+            return True
+        await asyncio.sleep(every)
+    return await check()
 
 
 async def row_count(db: asyncpg.Connection) -> int:
