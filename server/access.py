@@ -7,6 +7,7 @@ or PERMISSION_DENIED (valid token, wrong role). The caller reaches the handlers 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -17,10 +18,12 @@ import grpc.aio
 from deadletter.v1 import deadletter_pb2
 from server.audit import Action, Actor, AuditEntry
 from server.auth import Caller, Role, TokenVerifier, bearer_token, current_caller
-from server.errors import DatabaseUnavailable, DeadLetterError, PermissionDenied, Unauthenticated
+from server.errors import DeadLetterError, PermissionDenied, Unauthenticated
 from server.store import Store
 
 log = logging.getLogger("deadletter.access")
+
+_REFUSAL_AUDIT_CONNECTIONS = 2
 
 SERVICE_NAME: str = deadletter_pb2.DESCRIPTOR.services_by_name["DeadLetterService"].full_name
 _PREFIX = f"/{SERVICE_NAME}/"
@@ -48,6 +51,8 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]  
     def __init__(self, verifier: TokenVerifier, store: Store) -> None:
         self._verifier = verifier
         self._store = store
+        # Refusals are audited, but a flood of them must not take the pool from real calls.
+        self._refusal_audits = asyncio.Semaphore(_REFUSAL_AUDIT_CONNECTIONS)
 
     async def intercept_service(
         self,
@@ -57,13 +62,18 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]  
         method: str = handler_call_details.method
         if not method.startswith(_PREFIX):
             return await continuation(handler_call_details)
-        metadata = {
-            key: value for key, value in handler_call_details.invocation_metadata or () if isinstance(value, str)
-        }
+        values = [v for k, v in handler_call_details.invocation_metadata or () if k == "authorization"]
         try:
-            caller = self._verifier.verify(bearer_token(metadata))
+            if len(values) > 1:
+                # Two credentials: a proxy might have checked the other one. Refuse rather than pick.
+                raise Unauthenticated("send exactly one authorization metadata entry")
+            caller = self._verifier.verify(bearer_token({"authorization": str(values[0]) if values else ""}))
         except Unauthenticated as error:
             return self._refusal(method, Caller("", None), error)
+        except Exception:
+            # Fail closed, and never let an exception's text (which could quote the token) reach the caller.
+            log.exception("token verification failed unexpectedly")
+            return self._refusal(method, Caller("", None), Unauthenticated("bearer token could not be verified"))
         name = method.removeprefix(_PREFIX)
         if caller.role not in POLICY.get(name, frozenset()):
             role = caller.role.value if caller.role else "no role"
@@ -73,14 +83,16 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]  
         return await continuation(handler_call_details)
 
     def _refusal(self, method: str, caller: Caller, error: DeadLetterError) -> grpc.RpcMethodHandler[Any, Any]:
+        # The method name comes from the client: record it only if it is one of ours.
+        known = method if method.removeprefix(_PREFIX) in POLICY else _PREFIX + "<unknown>"
+
         async def refuse(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-            entry = AuditEntry(
-                Actor(caller.subject, caller.role, context.peer() or "", method), Action.DENIED, error.code
-            )
+            who = Actor(caller.subject, caller.role, context.peer() or "", known)
             try:
-                await self._store.audit(entry)
-            except DatabaseUnavailable:
-                log.warning("could not audit a refused call: database unavailable", extra={"refused": error.code})
+                async with self._refusal_audits:
+                    await self._store.audit(AuditEntry(who, Action.DENIED, error.code))
+            except DeadLetterError as audit_error:
+                log.warning("could not audit a refused call", extra={"refused": error.code, "error": audit_error.code})
             raise error
 
         return grpc.unary_unary_rpc_method_handler(refuse)

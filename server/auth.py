@@ -28,6 +28,7 @@ from server.errors import Unauthenticated
 
 MIN_SECRET_BYTES = 32
 MAX_SUBJECT_CHARS = 256
+MIN_RSA_BITS = 2048
 
 
 class Role(enum.StrEnum):
@@ -110,7 +111,10 @@ def _caller(claims: dict[str, Any]) -> Caller:
     subject = claims.get("sub")
     if not isinstance(subject, str) or not subject:
         subject = str(claims.get("role") or "anonymous")
-    return Caller(subject[:MAX_SUBJECT_CHARS], role)
+    if len(subject) > MAX_SUBJECT_CHARS or "\x00" in subject:
+        # Truncating would merge distinct actors in the audit trail.
+        raise Unauthenticated(f"bearer token's sub is longer than {MAX_SUBJECT_CHARS} characters or malformed")
+    return Caller(subject, role)
 
 
 def _public_key(pem: bytes) -> tuple[str, Any]:
@@ -119,6 +123,8 @@ def _public_key(pem: bytes) -> tuple[str, Any]:
     except ValueError:
         raise ConfigError("DEADLETTER_JWT_PUBLIC_KEY_FILE does not hold a PEM public key") from None
     if isinstance(key, rsa.RSAPublicKey):
+        if key.key_size < MIN_RSA_BITS:
+            raise ConfigError(f"DEADLETTER_JWT_PUBLIC_KEY_FILE: RSA keys need at least {MIN_RSA_BITS} bits")
         return "RS256", key
     if isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, ec.SECP256R1):
         return "ES256", key

@@ -7,6 +7,7 @@ because some of them are secrets.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -100,7 +101,7 @@ VARIABLES: tuple[_Var, ...] = (
     _Var(PREFIX + "JWT_PUBLIC_KEY_FILE", "(unset)", "PEM RSA or P-256 public key: RS256/ES256 tokens."),
     _Var(PREFIX + "JWT_ISSUER", "(unset: not checked)", "Required iss claim."),
     _Var(PREFIX + "JWT_AUDIENCE", "(unset: not checked)", "Required aud claim."),
-    _Var(PREFIX + "JWT_LEEWAY_SECONDS", "30", "Clock skew allowed on exp, nbf and iat."),
+    _Var(PREFIX + "JWT_LEEWAY_SECONDS", "30", "Clock skew allowed on exp, nbf and iat (at most 120)."),
     _Var(PREFIX + "TLS_CERT_FILE", "(unset: plaintext)", "PEM certificate chain; serve TLS."),
     _Var(PREFIX + "TLS_KEY_FILE", "(unset)", "PEM private key of the certificate."),
     _Var(
@@ -169,7 +170,9 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         jwt_public_key_file=reader.optional_path(PREFIX + "JWT_PUBLIC_KEY_FILE"),
         jwt_issuer=reader.text(PREFIX + "JWT_ISSUER"),
         jwt_audience=reader.text(PREFIX + "JWT_AUDIENCE"),
-        jwt_leeway_seconds=reader.seconds(PREFIX + "JWT_LEEWAY_SECONDS", Settings.jwt_leeway_seconds, allow_zero=True),
+        jwt_leeway_seconds=reader.seconds(
+            PREFIX + "JWT_LEEWAY_SECONDS", Settings.jwt_leeway_seconds, allow_zero=True, high=120
+        ),
         tls_cert_file=reader.optional_path(PREFIX + "TLS_CERT_FILE"),
         tls_key_file=reader.optional_path(PREFIX + "TLS_KEY_FILE"),
         tls_client_ca_file=reader.optional_path(PREFIX + "TLS_CLIENT_CA_FILE"),
@@ -213,12 +216,17 @@ def _check_transport(settings: Settings) -> None:
         raise ConfigError(f"{PREFIX}TLS_CERT_FILE and {PREFIX}TLS_KEY_FILE go together")
     if settings.tls_client_ca_file is not None and not settings.tls:
         raise ConfigError(f"{PREFIX}TLS_CLIENT_CA_FILE needs {PREFIX}TLS_CERT_FILE and {PREFIX}TLS_KEY_FILE")
+    if settings.tls or settings.allow_plaintext:
+        return
     host = settings.listen.rpartition(":")[0].strip("[]")
-    loopback = host == "localhost" or host == "::1" or host.startswith("127.")
-    if not settings.tls and not loopback and not settings.allow_plaintext:
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"  # a name is trusted only for this one
+    if not (settings.embedded and loopback):
         raise ConfigError(
-            f"{PREFIX}LISTEN is not a loopback address: configure {PREFIX}TLS_CERT_FILE and {PREFIX}TLS_KEY_FILE, "
-            f"or set {PREFIX}ALLOW_PLAINTEXT=true if something else encrypts the traffic"
+            f"plaintext is only for the embedded mode on loopback: configure {PREFIX}TLS_CERT_FILE and "
+            f"{PREFIX}TLS_KEY_FILE, or set {PREFIX}ALLOW_PLAINTEXT=true if something else encrypts the traffic"
         )
 
 
@@ -266,7 +274,7 @@ class _Reader:
             raise ConfigError(f"{name} must be a whole number from {low} to {high}")
         return number
 
-    def seconds(self, name: str, default: float, *, allow_zero: bool = False) -> float:
+    def seconds(self, name: str, default: float, *, allow_zero: bool = False, high: float = 3600) -> float:
         value = self.text(name)
         if value is None:
             return default

@@ -14,6 +14,8 @@ class DeadLetterError(Exception):
     """Base of every error the service reports to callers on purpose."""
 
     code: ClassVar[str] = "INTERNAL"
+    # Set once an audit row records this failure, so an outer layer does not record it twice.
+    audited: bool = False
 
     @property
     def message(self) -> str:

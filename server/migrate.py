@@ -125,6 +125,7 @@ async def provision_login_role(owner_dsn: str, name: str) -> None:
                     CREATE ROLE {name} LOGIN NOINHERIT;
                 END IF;
             END $$;
+            ALTER ROLE {name} NOINHERIT NOSUPERUSER NOBYPASSRLS;
             GRANT deadletter_service, deadletter_admin TO {name};
             """
         )
@@ -133,25 +134,37 @@ async def provision_login_role(owner_dsn: str, name: str) -> None:
 
 
 async def check_login_role(conn: asyncpg.Connection | asyncpg.pool.PoolConnectionProxy) -> None:
-    """Refuse a login role that would let a bug bypass row-level security, or that cannot act as either role."""
+    """Refuse a login role that could bypass row-level security or the grants, or cannot act as both roles.
+
+    Not merely "is it a superuser": membership counts too (of a superuser or BYPASSRLS role, of a table's owner),
+    and so does any table privilege the login role can use without SET ROLE.
+    """
+    name: str = await conn.fetchval("SELECT current_user")
+    if not await conn.fetchval("SELECT to_regclass('dead_letter_queue') IS NOT NULL"):
+        raise MigrationError("dead_letter_queue does not exist: run `python -m server migrate` as the owner first")
     row = await conn.fetchrow(
         """
-        SELECT r.rolname, r.rolsuper, r.rolbypassrls,
-               (SELECT t.tableowner FROM pg_tables t WHERE t.tablename = 'dead_letter_queue'
-                 AND t.schemaname = current_schema()) AS owner,
-               pg_has_role(current_user, 'deadletter_service', 'MEMBER') AS service,
-               pg_has_role(current_user, 'deadletter_admin', 'MEMBER') AS admin
-        FROM pg_roles r WHERE r.rolname = current_user
+        SELECT EXISTS (SELECT 1 FROM pg_roles s
+                       WHERE (s.rolsuper OR s.rolbypassrls) AND pg_has_role(current_user, s.oid, 'MEMBER'))
+                   AS privileged,
+               EXISTS (SELECT 1 FROM pg_class c
+                       WHERE c.oid IN ('dead_letter_queue'::regclass, 'audit_log'::regclass,
+                                       'webhook_queue'::regclass)
+                         AND pg_has_role(current_user, c.relowner, 'MEMBER'))
+                   AS owner,
+               has_table_privilege(current_user, 'dead_letter_queue', 'SELECT,INSERT,UPDATE,DELETE,TRUNCATE')
+               OR has_table_privilege(current_user, 'audit_log', 'SELECT,INSERT,UPDATE,DELETE,TRUNCATE')
+                   AS holds_privileges,
+               pg_has_role(current_user, 'deadletter_service', 'MEMBER')
+               AND pg_has_role(current_user, 'deadletter_admin', 'MEMBER') AS member
         """
     )
-    assert row is not None  # current_user is always in pg_roles
-    name = row["rolname"]
-    if row["owner"] is None:
-        raise MigrationError("dead_letter_queue does not exist: run `python -m server migrate` as the owner first")
-    if row["rolsuper"] or row["rolbypassrls"] or row["owner"] == name:
+    assert row is not None
+    if row["privileged"] or row["owner"] or row["holds_privileges"]:
         raise MigrationError(
-            f"DATABASE_URL logs in as {name}, which is a superuser, bypasses row-level security or owns the "
-            "tables; connect as a login role made for the server (see the README, 'Database roles')"
+            f"DATABASE_URL logs in as {name}, which is (or is a member of) a superuser, a BYPASSRLS role or the "
+            "tables' owner, or holds table privileges without SET ROLE; connect as a login role made for the "
+            "server (see the README, 'Database roles')"
         )
-    if not (row["service"] and row["admin"]):
+    if not row["member"]:
         raise MigrationError(f"login role {name} must be granted deadletter_service and deadletter_admin")

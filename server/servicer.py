@@ -11,6 +11,7 @@ import grpc.aio
 from deadletter.v1 import deadletter_pb2 as pb
 from deadletter.v1 import deadletter_pb2_grpc as pb_grpc
 from server import access, domain, logs, proto_mapping
+from server.audit import Action
 from server.errors import InvalidArgument
 from server.vault import Vault
 
@@ -28,31 +29,35 @@ class DeadLetterServicer(pb_grpc.DeadLetterServiceServicer):
         self._purge_min_age_days = purge_min_age_days
 
     async def Store(self, request: pb.StoreRequest, context: grpc.aio.ServicerContext[Any, Any]) -> pb.StoreResponse:
-        logs.annotate(correlation_id=request.correlation_id)
         letter = proto_mapping.new_dead_letter(request, self._max_payload_bytes)
+        logs.annotate(correlation_id=letter.correlation_id)  # after validation: bounded, no NUL
         result = await self._vault.store(access.actor(context, "Store"), letter)
         logs.annotate(dead_letter_id=result.id, deduplicated=result.deduplicated)
         return pb.StoreResponse(id=result.id, deduplicated=result.deduplicated)
 
     async def Get(self, request: pb.GetRequest, context: grpc.aio.ServicerContext[Any, Any]) -> pb.GetResponse:
-        record_id = domain.parse_id(request.id)
-        logs.annotate(dead_letter_id=str(record_id))
-        return proto_mapping.get_response(await self._vault.get(access.actor(context, "Get"), record_id))
+        actor = access.actor(context, "Get")
+        async with self._vault.audit_failures(actor, Action.VIEWED):
+            record_id = domain.parse_id(request.id)
+            logs.annotate(dead_letter_id=str(record_id))
+            return proto_mapping.get_response(await self._vault.get(actor, record_id))
 
     async def List(self, request: pb.ListRequest, context: grpc.aio.ServicerContext[Any, Any]) -> pb.ListResponse:
-        filters = proto_mapping.list_filters(request)
-        size = domain.page_size(request.page_size)
-        page = await self._vault.list(access.actor(context, "List"), filters, request.page_token, size)
+        actor = access.actor(context, "List")
+        async with self._vault.audit_failures(actor, Action.LISTED):
+            filters = proto_mapping.list_filters(request)
+            page = await self._vault.list(actor, filters, request.page_token, domain.page_size(request.page_size))
         logs.annotate(count=len(page.dead_letters))
         return proto_mapping.list_response(page)
 
     async def Reprocess(
         self, request: pb.ReprocessRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ReprocessResponse:
-        record_id = domain.parse_id(request.id)
-        logs.annotate(dead_letter_id=str(record_id), forced=request.force)
-        result = await self._vault.reprocess(access.actor(context, "Reprocess"), record_id, request.force)
-        return proto_mapping.reprocess_response(result)
+        actor = access.actor(context, "Reprocess")
+        async with self._vault.audit_failures(actor, Action.REPROCESSED):
+            record_id = domain.parse_id(request.id)
+            logs.annotate(dead_letter_id=str(record_id), forced=request.force)
+            return proto_mapping.reprocess_response(await self._vault.reprocess(actor, record_id, request.force))
 
     async def Redrive(
         self, request: pb.RedriveRequest, context: grpc.aio.ServicerContext[Any, Any]

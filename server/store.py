@@ -79,15 +79,6 @@ class QueuedRow:
     headers_encrypted: str
 
 
-@dataclass(frozen=True)
-class Candidate:
-    """A dead letter a Redrive considers."""
-
-    id: uuid.UUID
-    failure_kind: FailureKind
-    status: Status
-
-
 async def create_pool(settings: Settings, dsn: str) -> asyncpg.Pool:
     """Open the connection pool; raises DatabaseUnavailable if the database cannot be reached."""
     with translate_errors():
@@ -193,16 +184,15 @@ class Transaction:
         assert row is not None, "the caller holds the row lock"
         return _meta(row)
 
-    async def redrive_candidates(self, filters: ListFilter, limit: int) -> list[Candidate]:
-        rows = await self._conn.fetch(
-            QUERIES["redrive_candidates"],
-            filters.failed_after,
-            filters.failed_before,
-            filters.provider.value if filters.provider else None,
-            filters.failure_kind.value if filters.failure_kind else None,
-            limit,
-        )
-        return [Candidate(r["id"], FailureKind(r["failure_kind"]), Status(r["status"])) for r in rows]
+    async def redrive_candidates(self, filters: ListFilter, limit: int) -> list[uuid.UUID]:
+        """Pending, retryable matches, oldest first."""
+        rows = await self._conn.fetch(QUERIES["redrive_candidates"], *_redrive_args(filters), limit)
+        return [row["id"] for row in rows]
+
+    async def redrive_skipped(self, filters: ListFilter) -> int:
+        """How many matches a Redrive leaves alone (reprocessed already, or not retryable)."""
+        count: int = await self._conn.fetchval(QUERIES["redrive_skipped"], *_redrive_args(filters))
+        return count
 
     async def claim_queued(self, lease_seconds: int, subject: str) -> QueuedRow | None:
         row = await self._conn.fetchrow(QUERIES["claim_queued"], float(lease_seconds), subject)
@@ -283,6 +273,15 @@ def _meta(row: asyncpg.Record) -> DeadLetter:
         reprocessed_at=row["reprocessed_at"],
         reprocessed_by=row["reprocessed_by"],
         reprocess_count=row["reprocess_count"],
+    )
+
+
+def _redrive_args(filters: ListFilter) -> tuple[object, ...]:
+    return (
+        filters.failed_after,
+        filters.failed_before,
+        filters.provider.value if filters.provider else None,
+        filters.failure_kind.value if filters.failure_kind else None,
     )
 
 

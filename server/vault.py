@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -40,6 +42,8 @@ from server.errors import (
 )
 from server.page_token import PageTokens
 from server.store import NewRecord, QueuedRow, SealedRecord, Store, Transaction
+
+log = logging.getLogger("deadletter.vault")
 
 PAYLOAD_FIELD = "payload"
 HEADERS_FIELD = "headers"
@@ -70,15 +74,21 @@ class Vault:
         """Encrypt and commit a dead letter, or return the record an identical earlier Store created."""
         for _ in range(_IDEMPOTENT_INSERT_ATTEMPTS):
             record = self._seal(letter)
+            outcome: StoreResult | DeadLetterError | None = None
             async with self._transaction(actor) as tx:
                 if await tx.insert(record, actor) is not None:
                     return StoreResult(str(record.id), deduplicated=False)
                 assert letter.idempotency_key is not None  # only a key conflict skips the insert
                 existing = await tx.get_by_idempotency_key(letter.idempotency_key)
                 if existing is not None:
-                    result = self._replay(letter, existing)
-                    await tx.audit(_entry(actor, Action.STORED, existing.meta.id, existing, deduplicated=True))
-                    return result
+                    outcome = self._replay(letter, existing)
+                    code = outcome.code if isinstance(outcome, DeadLetterError) else "OK"
+                    await tx.audit(_entry(actor, Action.STORED, existing.meta.id, existing, code, deduplicated=True))
+            if isinstance(outcome, DeadLetterError):
+                outcome.audited = True
+                raise outcome
+            if outcome is not None:
+                return outcome
         raise Aborted("the record holding this idempotency_key changed while storing; retry")
 
     async def get(self, actor: Actor, record_id: uuid.UUID) -> OpenedDeadLetter:
@@ -94,6 +104,7 @@ class Vault:
                 failure = error
             await tx.audit(_entry(actor, Action.VIEWED, str(record_id), sealed, failure.code if failure else "OK"))
         if failure is not None:
+            failure.audited = True
             raise failure
         return opened
 
@@ -138,6 +149,7 @@ class Vault:
                 _entry(actor, Action.REPROCESSED, str(record_id), sealed, failure.code if failure else "OK", **extra)
             )
         if failure is not None:
+            failure.audited = True
             raise failure
         assert result is not None
         return result
@@ -146,11 +158,10 @@ class Vault:
         """Send back every pending, retryable match, no faster than the rate, touching at most the limit."""
         limit = min(request.limit or self._policy.redrive_max_batch, self._policy.redrive_max_batch)
         async with self._transaction(actor) as tx:
-            candidates = await tx.redrive_candidates(request.filters, limit + 1)
-        truncated = len(candidates) > limit
-        candidates = candidates[:limit]
-        sendable = [c.id for c in candidates if c.status is Status.PENDING and c.failure_kind is FailureKind.RETRYABLE]
-        skipped = len(candidates) - len(sendable)
+            sendable = await tx.redrive_candidates(request.filters, limit + 1)
+            skipped = await tx.redrive_skipped(request.filters)
+        truncated = len(sendable) > limit
+        sendable = sendable[:limit]
         if request.dry_run:
             return RedriveResult(len(sendable), skipped, dry_run=True, truncated=truncated)
         rate = min(request.max_per_second or self._policy.redrive_max_per_second, self._policy.redrive_max_per_second)
@@ -167,11 +178,17 @@ class Vault:
 
     async def claim(self, actor: Actor, lease_seconds: int) -> QueuedWebhook | None:
         """Lease the next queued webhook to the caller and return it decrypted (audited as viewed)."""
+        # The lease commits on its own first: an item that fails to open must not stay first in line for everyone.
         async with self._transaction(actor) as tx:
             row = await tx.claim_queued(lease_seconds, actor.subject)
-            if row is None:
-                return None
-            webhook = self.open_queued(row)
+        if row is None:
+            return None
+        try:
+            webhook: QueuedWebhook | None = self.open_queued(row)
+            failure: DeadLetterError | None = None
+        except DeadLetterError as error:
+            webhook, failure = None, error
+        async with self._transaction(actor) as tx:
             await tx.audit(
                 AuditEntry(
                     actor,
@@ -180,9 +197,13 @@ class Vault:
                     event_id=row.event_id,
                     provider=row.provider.value,
                     correlation_id=row.correlation_id,
+                    outcome=failure.code if failure else "OK",
                     metadata={"queue_message_id": str(row.id), "attempt": row.attempt, "claimed": True},
                 )
             )
+        if failure is not None:
+            failure.audited = True
+            raise failure
         return webhook
 
     async def acknowledge(self, actor: Actor, message_id: uuid.UUID) -> None:
@@ -210,8 +231,12 @@ class Vault:
     def open_queued(self, row: QueuedRow) -> QueuedWebhook:
         """Decrypt a queue item: its ciphertexts are the dead letter's, bound to the dead letter's id."""
         record_id = str(row.dead_letter_id)
-        payload = self._keyring.open(row.payload_encrypted, record_id, PAYLOAD_FIELD)
-        headers = json.loads(self._keyring.open(row.headers_encrypted, record_id, HEADERS_FIELD))
+        try:
+            payload = self._keyring.open(row.payload_encrypted, record_id, PAYLOAD_FIELD)
+            headers = json.loads(self._keyring.open(row.headers_encrypted, record_id, HEADERS_FIELD))
+        except RecordCorrupted:
+            # Name the queue message too: it is what a worker can acknowledge away.
+            raise RecordCorrupted(f"{record_id} (queue message {row.id})") from None
         return QueuedWebhook(row, payload, headers)
 
     def _check_reprocessable(self, sealed: SealedRecord, force: bool) -> None:
@@ -235,6 +260,21 @@ class Vault:
                 f"dead letter {meta.id}: x-hub-signature-256 does not match the payload under any configured app "
                 "secret; it will not be sent back"
             )
+
+    @contextlib.asynccontextmanager
+    async def audit_failures(self, actor: Actor, action: Action) -> AsyncIterator[None]:
+        """Audit a call that fails before its own audited transaction (a malformed id, a bad page token)."""
+        try:
+            yield
+        except DeadLetterError as error:
+            if not error.audited:
+                try:
+                    async with self._transaction(actor) as tx:
+                        await tx.audit(AuditEntry(actor, action, error.code))
+                except DeadLetterError as audit_error:
+                    log.warning("could not audit a failed call", extra={"error": audit_error.code})
+                error.audited = True
+            raise
 
     def _transaction(self, actor: Actor) -> contextlib.AbstractAsyncContextManager[Transaction]:
         assert actor.role is not None, "the interceptor lets only callers with a role through"
@@ -264,8 +304,12 @@ class Vault:
         headers = json.loads(self._keyring.open(sealed.headers_encrypted, record_id, HEADERS_FIELD))
         return OpenedDeadLetter(sealed.meta, payload, headers)
 
-    def _replay(self, letter: NewDeadLetter, existing: SealedRecord) -> StoreResult:
-        opened = self._open(existing)
+    def _replay(self, letter: NewDeadLetter, existing: SealedRecord) -> StoreResult | DeadLetterError:
+        """The earlier record's id if letter repeats it; otherwise the error to answer (the caller audits it)."""
+        try:
+            opened = self._open(existing)
+        except DeadLetterError as error:
+            return error
         meta = opened.meta
         earlier = NewDeadLetter(
             event_id=meta.event_id,
@@ -280,7 +324,7 @@ class Vault:
             failure_kind=meta.failure_kind,
         )
         if not letter.same_content(earlier):
-            raise IdempotencyConflict(meta.id)
+            return IdempotencyConflict(meta.id)
         return StoreResult(meta.id, deduplicated=True)
 
 

@@ -24,9 +24,13 @@ def free_port() -> int:
 
 
 def server_env(overrides: dict[str, str]) -> dict[str, str]:
-    """The test runner's environment without any deadletter setting, plus overrides."""
+    """The test runner's environment without any deadletter setting, plus overrides.
+
+    Plaintext is allowed explicitly: these servers listen on loopback with DATABASE_URL set, which the server
+    otherwise refuses without TLS (tests/test_transport.py covers TLS).
+    """
     env = {k: v for k, v in os.environ.items() if not k.startswith("DEADLETTER_") and k != "DATABASE_URL"}
-    return env | overrides
+    return env | {"DEADLETTER_ALLOW_PLAINTEXT": "true"} | overrides
 
 
 class ServerProcess:

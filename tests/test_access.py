@@ -6,6 +6,7 @@ import base64
 import json
 import logging
 import time
+import uuid
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -20,8 +21,10 @@ from deadletter.v1 import deadletter_pb2 as pb
 from deadletter.v1 import deadletter_pb2_grpc as pb_grpc
 from server import app
 from server.auth import Role
+from server.embedded import with_user
 from server.logs import JsonFormatter
 from server.migrate import MigrationError
+from server.sql import QUERIES
 from tests.conftest import APP_ROLE, JWT_SECRET, SAMPLES, channel_to, row_count, settings_for, token
 
 if TYPE_CHECKING:
@@ -117,6 +120,69 @@ async def test_role_matrix(server: app.Application, db: asyncpg.Connection, call
         (expected.name, f"/deadletter.v1.DeadLetterService/{method}")
     ]
     assert denied[0]["peer"]
+
+
+async def test_two_authorization_entries_are_refused(server: app.Application, db: asyncpg.Connection) -> None:
+    metadata = (("authorization", f"Bearer {token(Role.ADMIN)}"), ("authorization", f"Bearer {token()}"))
+    async with channel_to(server.address) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await pb_grpc.DeadLetterServiceStub(channel).Store(SAMPLE.store_request(), metadata=metadata)
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert await row_count(db) == 0
+
+
+async def test_a_client_chosen_method_name_is_not_written_to_the_audit_trail(
+    server: app.Application, db: asyncpg.Connection
+) -> None:
+    async with channel_to(server.address) as channel:
+        call = channel.unary_unary("/deadletter.v1.DeadLetterService/" + "X" * 5000, None, None)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call(b"")
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert await db.fetchval("SELECT method FROM audit_log") == "/deadletter.v1.DeadLetterService/<unknown>"
+
+
+async def test_failed_reads_and_conflicting_stores_are_audited(
+    stub: Stub, admin_stub: Stub, db: asyncpg.Connection
+) -> None:
+    request = SAMPLE.store_request(idempotency_key="conflict-key")
+    await stub.Store(request)
+    failures: list[Any] = [
+        stub.Store(SAMPLE.store_request(idempotency_key="conflict-key")),  # other content
+        admin_stub.Get(pb.GetRequest(id="not-a-uuid")),
+        admin_stub.List(pb.ListRequest(page_token="forged")),
+        stub.Reprocess(pb.ReprocessRequest(id="nope")),
+    ]
+    for call in failures:  # grpc.aio starts each call when it is created: they run concurrently
+        with pytest.raises(grpc.aio.AioRpcError):
+            await call
+    rows = await db.fetch("SELECT action, outcome FROM audit_log")
+    assert sorted((r["action"], r["outcome"]) for r in rows) == sorted(
+        [
+            ("stored", "OK"),
+            ("stored", "ALREADY_EXISTS"),
+            ("viewed", "INVALID_ARGUMENT"),
+            ("listed", "INVALID_ARGUMENT"),
+            ("reprocessed", "INVALID_ARGUMENT"),
+        ]
+    )
+
+
+async def test_the_database_stamps_audit_time_and_actor(stub: Stub, db: asyncpg.Connection, database_url: str) -> None:
+    conn = await asyncpg.connect(database_url)
+    try:
+        async with conn.transaction():
+            await conn.execute(QUERIES["act_as"], "deadletter_admin", "real-subject")
+            await conn.execute(
+                "INSERT INTO audit_log (occurred_at, actor, role, peer, method, action, outcome)"
+                " VALUES ('2001-01-01', 'forged-subject', 'admin', 'p', 'm', 'viewed', 'OK')"
+            )
+    finally:
+        await conn.close()
+    row = await db.fetchrow("SELECT occurred_at, actor FROM audit_log")
+    assert row is not None
+    assert row["actor"] == "real-subject"
+    assert row["occurred_at"].year >= 2026
 
 
 async def test_health_and_reflection_need_no_token(server: app.Application) -> None:
@@ -232,6 +298,87 @@ async def test_the_next_borrower_of_a_connection_sees_neither_role_nor_actor(
     assert row is not None
     assert row["who"] == APP_ROLE
     assert row["actor"] in (None, "")
+
+
+async def test_act_as_is_transaction_local_even_without_the_pool_reset(database_url: str) -> None:
+    """The pool's RESET ALL would hide a session-level set_config; a bare connection shows the real scope."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        async with conn.transaction():
+            await conn.execute(QUERIES["act_as"], "deadletter_service", "someone")
+            assert await conn.fetchval("SELECT current_user") == "deadletter_service"
+        row = await conn.fetchrow("SELECT current_user AS who, current_setting('app.actor', true) AS actor")
+    finally:
+        await conn.close()
+    assert row is not None
+    assert row["who"] == APP_ROLE
+    assert row["actor"] in (None, "")
+
+
+async def test_row_level_security_is_forced_with_one_policy_per_role(db: asyncpg.Connection) -> None:
+    flags = await db.fetchrow(
+        "SELECT relrowsecurity, relforcerowsecurity FROM pg_class WHERE oid = 'dead_letter_queue'::regclass"
+    )
+    assert flags is not None
+    assert tuple(flags) == (True, True)
+    policies = {
+        (r["policyname"], r["cmd"], tuple(r["roles"]))
+        for r in await db.fetch("SELECT policyname, cmd, roles FROM pg_policies WHERE tablename = 'dead_letter_queue'")
+    }
+    assert policies == {
+        ("dead_letter_queue_service_all", "ALL", ("deadletter_service",)),
+        ("dead_letter_queue_admin_read", "SELECT", ("deadletter_admin",)),
+    }
+
+
+async def test_row_level_security_holds_even_if_admins_were_granted_writes(
+    stub: Stub, db: asyncpg.Connection, database_url: str
+) -> None:
+    """The second layer on its own: with the grants opened by mistake, the policies still refuse."""
+    stored = await stub.Store(SAMPLE.store_request())
+    await db.execute("GRANT INSERT, UPDATE, DELETE ON dead_letter_queue TO deadletter_admin")
+    conn = await asyncpg.connect(database_url)
+    try:
+        async with conn.transaction():
+            await conn.execute("SET LOCAL ROLE deadletter_admin")
+            assert await conn.execute("UPDATE dead_letter_queue SET retry_count = 9") == "UPDATE 0"
+            assert await conn.execute("DELETE FROM dead_letter_queue") == "DELETE 0"
+        async with conn.transaction():
+            await conn.execute("SET LOCAL ROLE deadletter_admin")
+            with pytest.raises(asyncpg.InsufficientPrivilegeError, match="row-level security"):
+                await conn.execute(
+                    "INSERT INTO dead_letter_queue (event_id, provider, received_at, correlation_id,"
+                    " payload_encrypted, headers_encrypted, payload_size_bytes, error_message, retry_count)"
+                    " VALUES ('e', 'whatsapp', now(), 'c', 'x', 'x', 1, 'err', 0)"
+                )
+    finally:
+        await conn.close()
+    assert await db.fetchval("SELECT retry_count FROM dead_letter_queue WHERE id = $1::uuid", stored.id) == 3
+
+
+@pytest.mark.parametrize(
+    "setup",
+    [
+        "CREATE ROLE {r} LOGIN INHERIT; GRANT deadletter_service, deadletter_admin TO {r}",
+        "CREATE ROLE {r} LOGIN NOINHERIT BYPASSRLS; GRANT deadletter_service, deadletter_admin TO {r}",
+        "CREATE ROLE {r}_owner NOLOGIN; ALTER TABLE audit_log OWNER TO {r}_owner;"
+        " CREATE ROLE {r} LOGIN NOINHERIT; GRANT {r}_owner, deadletter_service, deadletter_admin TO {r}",
+        "CREATE ROLE {r} LOGIN NOINHERIT; GRANT SELECT ON dead_letter_queue TO {r};"
+        " GRANT deadletter_service, deadletter_admin TO {r}",
+    ],
+    ids=["inherits-the-access-roles", "bypassrls", "member-of-an-owner", "holds-a-grant"],
+)
+async def test_server_refuses_a_login_role_that_could_sidestep_rls(
+    owner_database_url: str, encryption_key: str, db: asyncpg.Connection, setup: str
+) -> None:
+    role = f"deadletter_probe_{uuid.uuid4().hex[:8]}"
+    await db.execute(setup.format(r=role))
+    try:
+        with pytest.raises(MigrationError, match="superuser, a BYPASSRLS role or the tables' owner"):
+            await app.start(settings_for(with_user(owner_database_url, role), encryption_key))
+    finally:
+        await db.execute(f"ALTER TABLE audit_log OWNER TO current_user; DROP OWNED BY {role}; DROP ROLE {role}")
+        await db.execute(f"DROP ROLE IF EXISTS {role}_owner")
 
 
 async def test_server_refuses_to_log_in_as_a_superuser(owner_database_url: str, encryption_key: str) -> None:

@@ -121,6 +121,43 @@ def test_database_url_without_a_way_to_verify_tokens_is_refused() -> None:
         from_env({"DATABASE_URL": "postgresql://x@h/db", "DEADLETTER_ENCRYPTION_KEYS": generate_key()})
 
 
+@pytest.mark.parametrize(
+    ("env", "allowed"),
+    [
+        ({}, True),
+        ({"DEADLETTER_LISTEN": "[::1]:50051"}, True),
+        ({"DEADLETTER_LISTEN": "0.0.0.0:50051"}, False),
+        ({"DEADLETTER_LISTEN": "127.attacker.example:50051"}, False),
+        ({"DEADLETTER_LISTEN": "0.0.0.0:50051", "DEADLETTER_ALLOW_PLAINTEXT": "true"}, True),
+        ({"DATABASE_URL": "postgresql://a@h/d", "DEADLETTER_JWT_SECRET": JWT_SECRET}, False),
+        (
+            {
+                "DATABASE_URL": "postgresql://a@h/d",
+                "DEADLETTER_JWT_SECRET": JWT_SECRET,
+                "DEADLETTER_ALLOW_PLAINTEXT": "1",
+            },
+            True,
+        ),
+    ],
+    ids=[
+        "embedded-loopback",
+        "embedded-ipv6-loopback",
+        "embedded-any",
+        "loopback-lookalike",
+        "opt-in",
+        "production",
+        "production-opt-in",
+    ],
+)
+def test_plaintext_is_only_for_the_embedded_mode_on_loopback(env: dict[str, str], allowed: bool) -> None:
+    env = env | ({"DEADLETTER_ENCRYPTION_KEYS": generate_key()} if "DATABASE_URL" in env else {})
+    if allowed:
+        assert not from_env(env).tls
+    else:
+        with pytest.raises(ConfigError, match="DEADLETTER_TLS_CERT_FILE"):
+            from_env(env)
+
+
 def test_defaults_are_the_embedded_mode_on_loopback() -> None:
     settings = from_env({})
     assert settings.embedded

@@ -101,16 +101,27 @@ SELECT id, event_id, provider, correlation_id, error_message, retry_count, recei
 FROM updated;
 
 -- name: redrive_candidates
--- Dead letters a Redrive would consider, oldest failure first. The caller asks for one more than its limit to
--- learn whether it was cut short.
-SELECT id, failure_kind, status
+-- Pending, retryable dead letters a Redrive would send, oldest failure first (dead_letter_queue_pending_failed_at_idx).
+-- The caller asks for one more than its limit to learn whether more remain.
+SELECT id
 FROM dead_letter_queue
-WHERE failed_at >= COALESCE($1::timestamptz, '-infinity')
+WHERE status = 'pending' AND failure_kind = 'retryable'
+  AND failed_at >= COALESCE($1::timestamptz, '-infinity')
   AND failed_at < COALESCE($2::timestamptz, 'infinity')
   AND ($3::text IS NULL OR provider = $3)
   AND ($4::text IS NULL OR failure_kind = $4)
 ORDER BY failed_at, id
 LIMIT $5;
+
+-- name: redrive_skipped
+-- Matches a Redrive does not send: already reprocessed, or not retryable.
+SELECT count(*)
+FROM dead_letter_queue
+WHERE NOT (status = 'pending' AND failure_kind = 'retryable')
+  AND failed_at >= COALESCE($1::timestamptz, '-infinity')
+  AND failed_at < COALESCE($2::timestamptz, 'infinity')
+  AND ($3::text IS NULL OR provider = $3)
+  AND ($4::text IS NULL OR failure_kind = $4);
 
 -- name: claim_queued
 -- The next available item, leased to the caller; SKIP LOCKED lets many workers claim at once.

@@ -552,7 +552,9 @@ class RedriveRequest(_message.Message):
     max_per_second: _builtins.int
     """Most dead letters sent per second; 0 means the server's default (DEADLETTER_REDRIVE_MAX_PER_SECOND)."""
     limit: _builtins.int
-    """Most dead letters this call may touch; 0 means the server's maximum (DEADLETTER_REDRIVE_MAX_BATCH)."""
+    """Most dead letters this call may send; 0 means the server's maximum (DEADLETTER_REDRIVE_MAX_BATCH). Call
+    again to continue: what was sent is no longer pending.
+    """
     @_builtins.property
     def failed_after(self) -> _timestamp_pb2.Timestamp:
         """Only dead letters with failed_at at or after this time."""
@@ -597,7 +599,7 @@ class RedriveResponse(_message.Message):
     dry_run: _builtins.bool
     """Echoes the request's dry_run."""
     truncated: _builtins.bool
-    """True when the limit stopped the run before every match was handled: call again to continue."""
+    """True when the limit stopped the run with more pending, retryable matches left: call again to continue."""
     def __init__(
         self,
         *,
