@@ -15,13 +15,14 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from deadletter.v1 import deadletter_pb2_grpc
-from server import embedded
+from server import embedded, metrics
 from server.access import SERVICE_NAME, AccessInterceptor
 from server.auth import TokenVerifier, generate_jwt_secret, read_public_key
 from server.config import ConfigError, Settings, app_secrets
 from server.crypto import Keyring, generate_key
 from server.domain import REQUEST_OVERHEAD_BYTES
 from server.migrate import check_login_role, migrate, provision_login_role
+from server.monitor import Monitor
 from server.relay import RabbitRelay
 from server.retention import Retention
 from server.servicer import DeadLetterServicer
@@ -43,6 +44,8 @@ class Application:
     port: int
     retention: Retention | None = None
     relay: RabbitRelay | None = None
+    monitor: Monitor | None = None
+    metrics_port: int | None = None
     embedded_postgres: Any = None
 
     @property
@@ -51,6 +54,8 @@ class Application:
 
     async def stop(self, grace: float | None = None) -> None:
         """Refuse new calls, stop the jobs, let in-flight calls finish within grace, then close the pool."""
+        if self.monitor is not None:
+            await self.monitor.stop()  # first, so it cannot turn health back to SERVING
         await self.health.enter_graceful_shutdown()
         if self.retention is not None:
             self.retention.shutdown()
@@ -109,6 +114,16 @@ async def start(settings: Settings) -> Application:
     if settings.rabbitmq_url:
         application.relay = RabbitRelay(store, vault, settings.rabbitmq_url, settings.rabbitmq_queue)
         application.relay.start()
+    application.monitor = Monitor(
+        store,
+        health_servicer,
+        ("", SERVICE_NAME),
+        check_seconds=settings.health_check_seconds,
+        refresh_seconds=settings.metrics_refresh_seconds,
+    )
+    application.monitor.start()
+    if settings.metrics_listen is not None:
+        application.metrics_port = metrics.serve(settings.metrics_listen)
     for service in ("", SERVICE_NAME):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     return application

@@ -61,6 +61,10 @@ class Settings:
     retention_enabled: bool = True
     rabbitmq_url: str | None = None
     rabbitmq_queue: str = "deadletter.reprocess"
+    # host:port for Prometheus metrics (port 0 picks one); None turns them off.
+    metrics_listen: str | None = "127.0.0.1:9464"
+    health_check_seconds: float = 5.0
+    metrics_refresh_seconds: float = 30.0
 
     @property
     def tls(self) -> bool:
@@ -130,6 +134,15 @@ VARIABLES: tuple[_Var, ...] = (
     _Var(PREFIX + "PURGE_BATCH_SIZE", "5000", "Rows deleted per transaction by a purge."),
     _Var(PREFIX + "RABBITMQ_URL", "(unset: outbox only)", "AMQP URL; a relay publishes reprocessed webhooks there."),
     _Var(PREFIX + "RABBITMQ_QUEUE", "deadletter.reprocess", "Durable queue the relay publishes to."),
+    _Var(
+        PREFIX + "METRICS_LISTEN", "127.0.0.1:9464", "host:port of the Prometheus /metrics endpoint; 'off' disables it."
+    ),
+    _Var(
+        PREFIX + "HEALTH_CHECK_SECONDS",
+        "5",
+        "How often the database is checked; health is NOT_SERVING while it is unreachable.",
+    ),
+    _Var(PREFIX + "METRICS_REFRESH_SECONDS", "30", "How often the pending and queued gauges are recounted."),
     _Var(PREFIX + "DATA_DIR", "./.deadletter", "Embedded mode only: PostgreSQL data and generated keys."),
     _Var(PREFIX + "MIGRATIONS_DIR", "./migrations", "Folder of ordered .sql migrations."),
     _Var(PREFIX + "MIGRATE_ON_START", "true", "Apply pending migrations at start."),
@@ -189,6 +202,9 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         retention_enabled=reader.boolean(PREFIX + "RETENTION_ENABLED", Settings.retention_enabled),
         rabbitmq_url=reader.text(PREFIX + "RABBITMQ_URL"),
         rabbitmq_queue=reader.text(PREFIX + "RABBITMQ_QUEUE") or Settings.rabbitmq_queue,
+        metrics_listen=_metrics_listen(reader.text(PREFIX + "METRICS_LISTEN")),
+        health_check_seconds=reader.seconds(PREFIX + "HEALTH_CHECK_SECONDS", Settings.health_check_seconds),
+        metrics_refresh_seconds=reader.seconds(PREFIX + "METRICS_REFRESH_SECONDS", Settings.metrics_refresh_seconds),
     )
     _check_listen(settings.listen)
     if settings.db_pool_min_size > settings.db_pool_max_size:
@@ -211,6 +227,15 @@ def app_secrets(settings: Settings) -> list[bytes]:
     return [part.strip().encode() for part in value.split(",") if part.strip()]
 
 
+def _metrics_listen(value: str | None) -> str | None:
+    if value is None:
+        return Settings.metrics_listen
+    if value.lower() in ("off", "false", "0", "none"):
+        return None
+    _check_listen(value, PREFIX + "METRICS_LISTEN")
+    return value
+
+
 def _check_transport(settings: Settings) -> None:
     if (settings.tls_cert_file is None) != (settings.tls_key_file is None):
         raise ConfigError(f"{PREFIX}TLS_CERT_FILE and {PREFIX}TLS_KEY_FILE go together")
@@ -230,10 +255,10 @@ def _check_transport(settings: Settings) -> None:
         )
 
 
-def _check_listen(listen: str) -> None:
+def _check_listen(listen: str, name: str = PREFIX + "LISTEN") -> None:
     host, sep, port = listen.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ConfigError(f"{PREFIX}LISTEN must be host:port, for example 127.0.0.1:50051")
+        raise ConfigError(f"{name} must be host:port, for example 127.0.0.1:50051")
 
 
 class _Reader:

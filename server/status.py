@@ -16,7 +16,7 @@ from typing import Any, cast
 import grpc
 import grpc.aio
 
-from server import errors, logs
+from server import errors, logs, metrics
 
 log = logging.getLogger("deadletter.rpc")
 
@@ -74,9 +74,10 @@ def _mapped(method: str, behavior: Behavior) -> Behavior:
             log.exception("unhandled error", extra={"reference": reference})
             await context.abort(code, f"internal error (reference {reference})")
         finally:
-            log.info(
-                "rpc",
-                extra={"code": code.name, "duration_ms": round((time.perf_counter() - started) * 1000, 2)},
-            )
+            elapsed = time.perf_counter() - started
+            name = method.rpartition("/")[2]
+            metrics.RPCS.labels(name, code.name).inc()
+            metrics.RPC_SECONDS.labels(name).observe(elapsed)
+            log.info("rpc", extra={"code": code.name, "duration_ms": round(elapsed * 1000, 2)})
 
     return call

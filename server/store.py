@@ -227,6 +227,21 @@ class Transaction:
     async def finish_retention_run(self, day: date, purged: int) -> None:
         await self._conn.execute(QUERIES["finish_retention_run"], day, purged)
 
+    async def ping(self) -> None:
+        await self._conn.fetchval(QUERIES["ping"])
+
+    async def pending_by_provider(self) -> list[tuple[Provider, int, datetime]]:
+        rows = await self._conn.fetch(QUERIES["pending_by_provider"])
+        return [(Provider(r["provider"]), r["pending"], r["oldest"]) for r in rows]
+
+    async def queued_count(self) -> int:
+        count: int = await self._conn.fetchval(QUERIES["queued_count"])
+        return count
+
+    async def last_retention_success(self) -> datetime | None:
+        last: datetime | None = await self._conn.fetchval(QUERIES["last_retention_success"])
+        return last
+
     async def audit(self, entry: AuditEntry) -> None:
         actor = entry.actor
         await self._conn.execute(

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from server import signatures
+from server import metrics, signatures
 from server.audit import Action, Actor, AuditEntry
 from server.crypto import Keyring
 from server.domain import (
@@ -77,17 +77,21 @@ class Vault:
             outcome: StoreResult | DeadLetterError | None = None
             async with self._transaction(actor) as tx:
                 if await tx.insert(record, actor) is not None:
-                    return StoreResult(str(record.id), deduplicated=False)
-                assert letter.idempotency_key is not None  # only a key conflict skips the insert
-                existing = await tx.get_by_idempotency_key(letter.idempotency_key)
-                if existing is not None:
-                    outcome = self._replay(letter, existing)
-                    code = outcome.code if isinstance(outcome, DeadLetterError) else "OK"
-                    await tx.audit(_entry(actor, Action.STORED, existing.meta.id, existing, code, deduplicated=True))
+                    outcome = StoreResult(str(record.id), deduplicated=False)
+                else:
+                    assert letter.idempotency_key is not None  # only a key conflict skips the insert
+                    existing = await tx.get_by_idempotency_key(letter.idempotency_key)
+                    if existing is not None:
+                        outcome = self._replay(letter, existing)
+                        code = outcome.code if isinstance(outcome, DeadLetterError) else "OK"
+                        entry = _entry(actor, Action.STORED, existing.meta.id, existing, code, deduplicated=True)
+                        await tx.audit(entry)
             if isinstance(outcome, DeadLetterError):
                 outcome.audited = True
                 raise outcome
             if outcome is not None:
+                if not outcome.deduplicated:  # counted after the commit
+                    metrics.STORED.labels(letter.provider.value).inc()
                 return outcome
         raise Aborted("the record holding this idempotency_key changed while storing; retry")
 
@@ -152,6 +156,7 @@ class Vault:
             failure.audited = True
             raise failure
         assert result is not None
+        metrics.REPROCESSED.labels(result.dead_letter.provider.value).inc()
         return result
 
     async def redrive(self, actor: Actor, request: RedriveRequest) -> RedriveResult:
@@ -226,7 +231,9 @@ class Vault:
                 if deleted < self._policy.purge_batch_size:
                     # The last batch commits with the run's audit row.
                     await tx.audit(_purge_entry(actor, cutoff, total, dry_run=False))
-                    return total
+            metrics.PURGED.inc(deleted)
+            if deleted < self._policy.purge_batch_size:
+                return total
 
     def open_queued(self, row: QueuedRow) -> QueuedWebhook:
         """Decrypt a queue item: its ciphertexts are the dead letter's, bound to the dead letter's id."""
@@ -235,6 +242,7 @@ class Vault:
             payload = self._keyring.open(row.payload_encrypted, record_id, PAYLOAD_FIELD)
             headers = json.loads(self._keyring.open(row.headers_encrypted, record_id, HEADERS_FIELD))
         except RecordCorrupted:
+            metrics.DECRYPTION_FAILURES.inc()
             # Name the queue message too: it is what a worker can acknowledge away.
             raise RecordCorrupted(f"{record_id} (queue message {row.id})") from None
         return QueuedWebhook(row, payload, headers)
@@ -300,8 +308,12 @@ class Vault:
 
     def _open(self, sealed: SealedRecord) -> OpenedDeadLetter:
         record_id = sealed.meta.id
-        payload = self._keyring.open(sealed.payload_encrypted, record_id, PAYLOAD_FIELD)
-        headers = json.loads(self._keyring.open(sealed.headers_encrypted, record_id, HEADERS_FIELD))
+        try:
+            payload = self._keyring.open(sealed.payload_encrypted, record_id, PAYLOAD_FIELD)
+            headers = json.loads(self._keyring.open(sealed.headers_encrypted, record_id, HEADERS_FIELD))
+        except (RecordCorrupted, KeyUnavailable):
+            metrics.DECRYPTION_FAILURES.inc()
+            raise
         return OpenedDeadLetter(sealed.meta, payload, headers)
 
     def _replay(self, letter: NewDeadLetter, existing: SealedRecord) -> StoreResult | DeadLetterError:

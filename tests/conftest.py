@@ -206,6 +206,7 @@ def settings_for(database_url: str, encryption_keys: str, **overrides: Any) -> S
         "migrate_on_start": False,
         "db_acquire_timeout_seconds": 2.0,
         "shutdown_grace_seconds": 1.0,
+        "metrics_listen": None,  # many servers share this process; tests/test_operations.py scrapes its own
     }
     values.update(overrides)
     return Settings(**values)

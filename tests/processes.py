@@ -30,7 +30,9 @@ def server_env(overrides: dict[str, str]) -> dict[str, str]:
     otherwise refuses without TLS (tests/test_transport.py covers TLS).
     """
     env = {k: v for k, v in os.environ.items() if not k.startswith("DEADLETTER_") and k != "DATABASE_URL"}
-    return env | {"DEADLETTER_ALLOW_PLAINTEXT": "true"} | overrides
+    # A free metrics port each (port 0): several servers may run at once.
+    defaults = {"DEADLETTER_ALLOW_PLAINTEXT": "true", "DEADLETTER_METRICS_LISTEN": "127.0.0.1:0"}
+    return env | defaults | overrides
 
 
 class ServerProcess:

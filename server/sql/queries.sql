@@ -175,3 +175,19 @@ INSERT INTO retention_runs (run_on, cutoff) VALUES ($1, $2) ON CONFLICT (run_on)
 
 -- name: finish_retention_run
 UPDATE retention_runs SET purged = $2 WHERE run_on = $1;
+
+-- name: ping
+SELECT 1;
+
+-- name: pending_by_provider
+-- For the metrics refresher, every few tens of seconds: never per scrape. Walks the pending partial index.
+SELECT provider, count(*) AS pending, min(failed_at) AS oldest
+FROM dead_letter_queue
+WHERE status = 'pending'
+GROUP BY provider;
+
+-- name: queued_count
+SELECT count(*) FROM webhook_queue;
+
+-- name: last_retention_success
+SELECT max(started_at) FROM retention_runs WHERE purged IS NOT NULL;
