@@ -13,6 +13,8 @@ FROM python:3.11-slim
 RUN useradd --system --uid 10001 --home-dir /app --shell /usr/sbin/nologin deadletter
 COPY --from=build /venv /venv
 COPY migrations /app/migrations
+# Writable by the service user only for the embedded mode, which a container should not use.
+RUN mkdir -p /app/data && chown deadletter /app/data
 WORKDIR /app
 ENV PATH=/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
