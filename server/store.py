@@ -87,10 +87,14 @@ async def create_pool(settings: Settings, dsn: str) -> asyncpg.Pool:
             min_size=settings.db_pool_min_size,
             max_size=settings.db_pool_max_size,
             command_timeout=settings.db_statement_timeout_seconds + 5,
+            timeout=settings.db_acquire_timeout_seconds,  # connecting, too, must not outlast a caller's patience
             server_settings={
                 "application_name": "deadletter",
                 "statement_timeout": str(int(settings.db_statement_timeout_seconds * 1000)),
             },
+            # No reset query on release: every request's settings are transaction-local (tests prove it), so
+            # the default RESET ALL would only cost a round trip per call.
+            reset=_keep_session,
         )
 
 
@@ -99,11 +103,12 @@ DB_ROLES = {Role.SERVICE: "deadletter_service", Role.ADMIN: "deadletter_admin"}
 
 
 class Store:
-    """Opens role-scoped transactions on dead_letter_queue and audit_log."""
+    """Opens role-scoped transactions on dead_letter_queue and audit_log, and batches Stores."""
 
     def __init__(self, pool: asyncpg.Pool, acquire_timeout: float) -> None:
         self._pool = pool
         self._acquire_timeout = acquire_timeout
+        self.batcher = StoreBatcher(pool, acquire_timeout)
 
     @contextlib.asynccontextmanager
     async def transaction(self, role: Role, subject: str) -> AsyncIterator[Transaction]:
@@ -120,34 +125,96 @@ class Store:
             await tx.audit(entry)
 
 
+class StoreBatcher:
+    """Coalesces concurrent Stores into one statement per batch: one round trip, one commit, many callers.
+
+    Each caller waits for the statement that carries its record; its answer comes after that commit. Up to
+    max_in_flight batches run at once; what arrives meanwhile waits for the next one. Records from different
+    subjects go in different statements, because each transaction declares one actor.
+    """
+
+    def __init__(self, pool: asyncpg.Pool, acquire_timeout: float, max_batch: int = 256, max_in_flight: int = 4):
+        self._pool = pool
+        self._acquire_timeout = acquire_timeout
+        self._max_batch = max_batch
+        self._max_in_flight = max_in_flight
+        self._pending: list[tuple[NewRecord, Actor, asyncio.Future[datetime | None]]] = []
+        self._in_flight = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def insert(self, record: NewRecord, actor: Actor) -> datetime | None:
+        """Insert and commit with its audit row; failed_at, or None if the idempotency key is taken."""
+        future: asyncio.Future[datetime | None] = asyncio.get_running_loop().create_future()
+        self._pending.append((record, actor, future))
+        if self._in_flight < self._max_in_flight:
+            self._in_flight += 1
+            task = asyncio.create_task(self._drain())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        # shield: a caller that gives up must not cancel the statement that also carries other callers' rows.
+        return await asyncio.shield(future)
+
+    async def _drain(self) -> None:
+        try:
+            while self._pending:
+                batch = self._pending[: self._max_batch]
+                del self._pending[: self._max_batch]
+                groups: dict[str, list[tuple[NewRecord, Actor, asyncio.Future[datetime | None]]]] = {}
+                for item in batch:
+                    groups.setdefault(item[1].subject, []).append(item)
+                for group in groups.values():
+                    await self._write(group)
+        finally:
+            self._in_flight -= 1
+
+    async def _write(self, group: list[tuple[NewRecord, Actor, asyncio.Future[datetime | None]]]) -> None:
+        try:
+            with translate_errors():
+                async with self._pool.acquire(timeout=self._acquire_timeout) as conn:
+                    rows = await conn.fetch(QUERIES["store_batch"], *_batch_args(group))
+        except Exception as error:
+            if len(group) > 1 and not isinstance(error, DatabaseUnavailable):
+                # One bad row must not fail the others: write them one by one.
+                for item in group:
+                    await self._write([item])
+                return
+            for _, _, future in group:
+                if not future.done():
+                    future.set_exception(error)
+            return
+        committed = {row["id"]: row["failed_at"] for row in rows}
+        for record, _, future in group:
+            if not future.done():
+                future.set_result(committed.get(record.id))
+
+
+def _batch_args(group: list[tuple[NewRecord, Actor, asyncio.Future[datetime | None]]]) -> list[object]:
+    records = [record for record, _, _ in group]
+    actor = group[0][1]
+    return [
+        actor.subject,
+        actor.method,
+        [r.id for r in records],
+        [a.peer for _, a, _ in group],
+        [r.event_id for r in records],
+        [r.provider.value for r in records],
+        [r.received_at for r in records],
+        [r.correlation_id for r in records],
+        [r.payload_encrypted for r in records],
+        [r.headers_encrypted for r in records],
+        [r.payload_size_bytes for r in records],
+        [r.error_message for r in records],
+        [r.retry_count for r in records],
+        [r.idempotency_key for r in records],
+        [r.failure_kind.value for r in records],
+    ]
+
+
 class Transaction:
     """The queries of one request, all inside its transaction."""
 
     def __init__(self, conn: asyncpg.pool.PoolConnectionProxy) -> None:
         self._conn = conn
-
-    async def insert(self, record: NewRecord, actor: Actor) -> datetime | None:
-        """Insert the record with its 'stored' audit row; None if the idempotency key is already taken."""
-        failed_at: datetime | None = await self._conn.fetchval(
-            QUERIES["insert_dead_letter"],
-            record.id,
-            record.event_id,
-            record.provider.value,
-            record.received_at,
-            record.correlation_id,
-            record.payload_encrypted,
-            record.headers_encrypted,
-            record.payload_size_bytes,
-            record.error_message,
-            record.retry_count,
-            record.idempotency_key,
-            actor.subject,
-            actor.role or "",
-            actor.peer,
-            actor.method,
-            record.failure_kind.value,
-        )
-        return failed_at
 
     async def get(self, record_id: uuid.UUID) -> SealedRecord | None:
         row = await self._conn.fetchrow(QUERIES["get_dead_letter"], record_id)
@@ -289,6 +356,10 @@ def _meta(row: asyncpg.Record) -> DeadLetter:
         reprocessed_by=row["reprocessed_by"],
         reprocess_count=row["reprocess_count"],
     )
+
+
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Release a connection as it is (asyncpg has already rolled back any open transaction)."""
 
 
 def _redrive_args(filters: ListFilter) -> tuple[object, ...]:

@@ -74,24 +74,22 @@ class Vault:
         """Encrypt and commit a dead letter, or return the record an identical earlier Store created."""
         for _ in range(_IDEMPOTENT_INSERT_ATTEMPTS):
             record = self._seal(letter)
+            if await self._store.batcher.insert(record, actor) is not None:  # committed, audit row included
+                metrics.STORED.labels(letter.provider.value).inc()
+                return StoreResult(str(record.id), deduplicated=False)
+            assert letter.idempotency_key is not None  # only a key conflict skips the insert
             outcome: StoreResult | DeadLetterError | None = None
             async with self._transaction(actor) as tx:
-                if await tx.insert(record, actor) is not None:
-                    outcome = StoreResult(str(record.id), deduplicated=False)
-                else:
-                    assert letter.idempotency_key is not None  # only a key conflict skips the insert
-                    existing = await tx.get_by_idempotency_key(letter.idempotency_key)
-                    if existing is not None:
-                        outcome = self._replay(letter, existing)
-                        code = outcome.code if isinstance(outcome, DeadLetterError) else "OK"
-                        entry = _entry(actor, Action.STORED, existing.meta.id, existing, code, deduplicated=True)
-                        await tx.audit(entry)
+                existing = await tx.get_by_idempotency_key(letter.idempotency_key)
+                if existing is not None:
+                    outcome = self._replay(letter, existing)
+                    code = outcome.code if isinstance(outcome, DeadLetterError) else "OK"
+                    entry = _entry(actor, Action.STORED, existing.meta.id, existing, code, deduplicated=True)
+                    await tx.audit(entry)
             if isinstance(outcome, DeadLetterError):
                 outcome.audited = True
                 raise outcome
             if outcome is not None:
-                if not outcome.deduplicated:  # counted after the commit
-                    metrics.STORED.labels(letter.provider.value).inc()
                 return outcome
         raise Aborted("the record holding this idempotency_key changed while storing; retry")
 

@@ -6,23 +6,12 @@
 -- transaction only (is_local = true), so a pooled connection never carries them to its next borrower.
 SELECT set_config('role', $1, true), set_config('app.actor', $2, true);
 
--- name: insert_dead_letter
--- The record and its audit row in one statement. Returns no row when the idempotency key is taken; the caller
--- then reads the existing record (and audits that).
-WITH inserted AS (
-    INSERT INTO dead_letter_queue (
-        id, event_id, provider, received_at, correlation_id, payload_encrypted, headers_encrypted,
-        payload_size_bytes, error_message, retry_count, idempotency_key, failure_kind
-    )
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $16)
-    ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
-    RETURNING id, failed_at, event_id, provider, correlation_id
-), audited AS (
-    INSERT INTO audit_log (actor, role, peer, method, action, outcome, dead_letter_ids, event_id, provider,
-                           correlation_id)
-    SELECT $12, $13, $14, $15, 'stored', 'OK', ARRAY[id], event_id, provider, correlation_id FROM inserted
-)
-SELECT failed_at FROM inserted;
+-- name: store_batch
+-- Many dead letters and their audit rows in one statement (migrations/0005); run outside a transaction block,
+-- so its return means they are committed. Returns the rows inserted; a row whose idempotency key is taken is
+-- not among them.
+SELECT id, failed_at
+FROM deadletter_store_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15);
 
 -- name: insert_audit
 INSERT INTO audit_log (actor, role, peer, method, action, outcome, dead_letter_ids, event_id, provider,
