@@ -1,4 +1,4 @@
-"""Command line: ``python -m server [serve|migrate|mint-token|healthcheck|generate-key|settings]``.
+"""Command line: ``python -m server [serve|migrate|mint-token|healthcheck|generate-key|settings|rotate-keys]``.
 
 serve (the default) runs the gRPC server until SIGTERM or SIGINT, then shuts down gracefully.
 """
@@ -19,7 +19,7 @@ import grpc
 import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from server import app, config, embedded, logs
+from server import app, config, embedded, logs, rotation
 from server.auth import Role, generate_jwt_secret, mint_token
 from server.crypto import generate_key
 from server.errors import DatabaseUnavailable
@@ -34,15 +34,20 @@ def _parser() -> argparse.ArgumentParser:
         "command",
         nargs="?",
         default="serve",
-        choices=("serve", "migrate", "mint-token", "healthcheck", "generate-key", "settings"),
+        choices=("serve", "migrate", "mint-token", "healthcheck", "generate-key", "settings", "rotate-keys"),
         help="serve: run the server (default); migrate: apply pending migrations and exit; "
         "mint-token: print a bearer token for local use (HS256, from the configured or embedded secret); "
         "healthcheck: exit 0 if the local server reports SERVING (for container health checks); "
-        "generate-key: print a new base64 AES-256 key; settings: print the settings table",
+        "generate-key: print a new base64 AES-256 key; settings: print the settings table; "
+        "rotate-keys: re-encrypt every record under the first key of DEADLETTER_ENCRYPTION_KEYS (safe while serving, "
+        "resumable; exit 0 once no record is left under an older key)",
     )
     parser.add_argument("--role", choices=[r.value for r in Role], default=Role.SERVICE.value, help="mint-token")
     parser.add_argument("--subject", default="local-worker", help="mint-token: the sub claim")
     parser.add_argument("--ttl", type=int, default=3600, help="mint-token: seconds until it expires")
+    parser.add_argument(
+        "--batch-size", type=int, default=rotation.DEFAULT_BATCH_SIZE, help="rotate-keys: records per transaction"
+    )
     return parser
 
 
@@ -60,10 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     except config.ConfigError as error:
         print(f"deadletter: configuration error: {error}", file=sys.stderr)
         return 2
-    if command == "healthcheck":
-        return asyncio.run(_healthcheck(settings))
-    if command == "mint-token":
-        return _mint_token(settings, args)
+    if command in ("healthcheck", "mint-token", "rotate-keys"):
+        return _run_tool(command, settings, args)
     logs.configure(settings.log_level)
     try:
         asyncio.run(_serve(settings) if command == "serve" else _migrate(settings))
@@ -74,6 +77,16 @@ def main(argv: list[str] | None = None) -> int:
         log.exception("cannot start: the database is unreachable")
         return 1
     return 0
+
+
+def _run_tool(command: str, settings: config.Settings, args: argparse.Namespace) -> int:
+    """The commands that do one job with the settings and exit."""
+    if command == "healthcheck":
+        return asyncio.run(_healthcheck(settings))
+    if command == "mint-token":
+        return _mint_token(settings, args)
+    logs.configure(settings.log_level)
+    return asyncio.run(rotation.run(settings, args.batch_size))
 
 
 def _mint_token(settings: config.Settings, args: argparse.Namespace) -> int:

@@ -69,7 +69,7 @@ class Application:
 
 async def start(settings: Settings) -> Application:
     """Connect, migrate, and start serving; raises ConfigError, MigrationError or DatabaseUnavailable."""
-    secrets = await _database_and_secrets(settings)
+    secrets = await database_and_secrets(settings)
     keyring = Keyring.parse(secrets.encryption_keys)
     verifier = TokenVerifier(
         secret=secrets.jwt_secret,
@@ -130,7 +130,7 @@ async def start(settings: Settings) -> Application:
 
 
 @dataclass(frozen=True)
-class _Secrets:
+class Secrets:
     dsn: str
     migrations_dsn: str | None
     encryption_keys: str
@@ -139,15 +139,15 @@ class _Secrets:
     embedded_postgres: Any = None
 
 
-async def _database_and_secrets(settings: Settings) -> _Secrets:
+async def database_and_secrets(settings: Settings) -> Secrets:
     if settings.database_url is not None:
         assert settings.encryption_keys is not None  # config.from_env enforces this
-        return _Secrets(
+        return Secrets(
             settings.database_url, settings.migrations_database_url, settings.encryption_keys, settings.jwt_secret
         )
     server = await asyncio.to_thread(embedded.start_postgres, settings.data_dir)
     owner = await embedded.owner_database_url(server)
-    return _Secrets(
+    return Secrets(
         dsn=embedded.with_user(owner, embedded.LOGIN_ROLE),
         migrations_dsn=owner,
         encryption_keys=settings.encryption_keys or embedded.secret(settings.data_dir, "encryption.key", generate_key),

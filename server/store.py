@@ -294,6 +294,11 @@ class Transaction:
     async def finish_retention_run(self, day: date, purged: int) -> None:
         await self._conn.execute(QUERIES["finish_retention_run"], day, purged)
 
+    async def fetch_named(self, name: str, *args: object) -> list[asyncpg.Record]:
+        """Run one of server/sql's named queries in this transaction (for modules such as key rotation)."""
+        rows: list[asyncpg.Record] = await self._conn.fetch(QUERIES[name], *args)
+        return rows
+
     async def ping(self) -> None:
         await self._conn.fetchval(QUERIES["ping"])
 

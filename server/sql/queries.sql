@@ -180,3 +180,74 @@ SELECT count(*) FROM webhook_queue;
 
 -- name: last_retention_success
 SELECT max(started_at) FROM retention_runs WHERE purged IS NOT NULL;
+
+-- name: rotation_batch_dead_letter_queue
+-- Key rotation (server/rotation.py), one batch: rows with a value under a key other than the primary ($1),
+-- after the cursor ($2), not already skipped ($3), locked without waiting for anyone.
+SELECT id, id AS record_id, payload_encrypted, headers_encrypted
+FROM dead_letter_queue
+WHERE id > $2
+  AND (split_part(payload_encrypted, '.', 2) <> $1 OR split_part(headers_encrypted, '.', 2) <> $1)
+  AND NOT (id = ANY($3::uuid[]))
+ORDER BY id
+LIMIT $4
+FOR UPDATE SKIP LOCKED;
+
+-- name: rotation_batch_webhook_queue
+-- As rotation_batch_dead_letter_queue, for the outbox (its values are bound to dead_letter_id).
+SELECT id, dead_letter_id AS record_id, payload_encrypted, headers_encrypted
+FROM webhook_queue
+WHERE id > $2
+  AND (split_part(payload_encrypted, '.', 2) <> $1 OR split_part(headers_encrypted, '.', 2) <> $1)
+  AND NOT (id = ANY($3::uuid[]))
+ORDER BY id
+LIMIT $4
+FOR UPDATE SKIP LOCKED;
+
+-- name: rotation_reseal_dead_letter_queue
+-- Write resealed values back, each only if the row still holds what was read: never overwrite a change.
+UPDATE dead_letter_queue AS d
+SET payload_encrypted = r.payload_encrypted, headers_encrypted = r.headers_encrypted
+FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[])
+    AS r (id, old_payload, old_headers, payload_encrypted, headers_encrypted)
+WHERE d.id = r.id AND d.payload_encrypted = r.old_payload AND d.headers_encrypted = r.old_headers
+RETURNING d.id;
+
+-- name: rotation_reseal_webhook_queue
+-- As rotation_reseal_dead_letter_queue, for the outbox.
+UPDATE webhook_queue AS q
+SET payload_encrypted = r.payload_encrypted, headers_encrypted = r.headers_encrypted
+FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[])
+    AS r (id, old_payload, old_headers, payload_encrypted, headers_encrypted)
+WHERE q.id = r.id AND q.payload_encrypted = r.old_payload AND q.headers_encrypted = r.old_headers
+RETURNING q.id;
+
+-- name: rotation_pending_dead_letter_queue
+-- Rows another rotation pass could still rotate: under another key and not skipped ($2).
+SELECT count(*) FROM dead_letter_queue
+WHERE (split_part(payload_encrypted, '.', 2) <> $1 OR split_part(headers_encrypted, '.', 2) <> $1)
+  AND NOT (id = ANY($2::uuid[]));
+
+-- name: rotation_pending_webhook_queue
+-- As rotation_pending_dead_letter_queue, for the outbox.
+SELECT count(*) FROM webhook_queue
+WHERE (split_part(payload_encrypted, '.', 2) <> $1 OR split_part(headers_encrypted, '.', 2) <> $1)
+  AND NOT (id = ANY($2::uuid[]));
+
+-- name: rotation_remaining_dead_letter_queue
+-- Rows left under another key, by that key's id (the payload's, or the headers' when only they are behind).
+SELECT CASE WHEN split_part(payload_encrypted, '.', 2) <> $1 THEN split_part(payload_encrypted, '.', 2)
+            ELSE split_part(headers_encrypted, '.', 2) END AS key_id,
+       count(*) AS records
+FROM dead_letter_queue
+WHERE split_part(payload_encrypted, '.', 2) <> $1 OR split_part(headers_encrypted, '.', 2) <> $1
+GROUP BY 1;
+
+-- name: rotation_remaining_webhook_queue
+-- As rotation_remaining_dead_letter_queue, for the outbox.
+SELECT CASE WHEN split_part(payload_encrypted, '.', 2) <> $1 THEN split_part(payload_encrypted, '.', 2)
+            ELSE split_part(headers_encrypted, '.', 2) END AS key_id,
+       count(*) AS records
+FROM webhook_queue
+WHERE split_part(payload_encrypted, '.', 2) <> $1 OR split_part(headers_encrypted, '.', 2) <> $1
+GROUP BY 1;
