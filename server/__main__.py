@@ -134,13 +134,14 @@ async def _serve(settings: config.Settings) -> None:
 
 
 async def _healthcheck(settings: config.Settings) -> int:
-    if settings.tls:
-        # Checking a TLS port needs client credentials this command does not have yet (see issue #5).
-        print("healthcheck speaks plaintext only; with TLS, probe grpc.health.v1 with your CA", file=sys.stderr)
-        return 2
     host, _, port = settings.listen.rpartition(":")
-    host = "127.0.0.1" if host in ("0.0.0.0", "[::]", "::") else host  # noqa: S104 -- mapping, not binding
-    async with grpc.aio.insecure_channel(f"{host}:{port}") as channel:
+    host = "localhost" if host in ("0.0.0.0", "[::]", "::") else host  # noqa: S104 -- mapping, not binding
+    try:
+        channel = _health_channel(settings, f"{host}:{port}")
+    except (OSError, config.ConfigError) as error:
+        print(f"healthcheck: {error}", file=sys.stderr)
+        return 2
+    async with channel:
         try:
             response = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
         except grpc.aio.AioRpcError as error:
@@ -149,6 +150,20 @@ async def _healthcheck(settings: config.Settings) -> int:
     serving = response.status == health_pb2.HealthCheckResponse.SERVING
     print("SERVING" if serving else "NOT_SERVING")
     return 0 if serving else 1
+
+
+def _health_channel(settings: config.Settings, target: str) -> grpc.aio.Channel:
+    if not settings.tls:
+        return grpc.aio.insecure_channel(target)
+    if settings.healthcheck_ca_file is None:
+        raise config.ConfigError("with TLS, set DEADLETTER_HEALTHCHECK_CA_FILE (and CERT/KEY_FILE for mTLS)")
+    identity = (settings.healthcheck_cert_file, settings.healthcheck_key_file)
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=settings.healthcheck_ca_file.read_bytes(),
+        private_key=identity[1].read_bytes() if identity[1] else None,
+        certificate_chain=identity[0].read_bytes() if identity[0] else None,
+    )
+    return grpc.aio.secure_channel(target, credentials)
 
 
 def settings_table() -> str:

@@ -50,6 +50,10 @@ class Settings:
     tls_key_file: Path | None = None
     tls_client_ca_file: Path | None = None
     allow_plaintext: bool = False
+    # What `python -m server healthcheck` trusts and presents when the server speaks TLS.
+    healthcheck_ca_file: Path | None = None
+    healthcheck_cert_file: Path | None = None
+    healthcheck_key_file: Path | None = None
     # Meta app secrets, comma-separated; when set, Reprocess verifies x-hub-signature-256 against them.
     meta_app_secrets: str | None = None
     redrive_max_per_second: int = 50
@@ -116,6 +120,13 @@ VARIABLES: tuple[_Var, ...] = (
         "false",
         "Serve plaintext on a non-loopback address (only behind something that encrypts, e.g. a mesh).",
     ),
+    _Var(
+        PREFIX + "HEALTHCHECK_CA_FILE",
+        "(unset)",
+        "With TLS: the CA `healthcheck` trusts (the server's name: localhost).",
+    ),
+    _Var(PREFIX + "HEALTHCHECK_CERT_FILE", "(unset)", "With mTLS: the client certificate `healthcheck` presents."),
+    _Var(PREFIX + "HEALTHCHECK_KEY_FILE", "(unset)", "With mTLS: its private key."),
     _Var(
         PREFIX + "META_APP_SECRETS",
         "(unset: not checked)",
@@ -190,6 +201,9 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         tls_key_file=reader.optional_path(PREFIX + "TLS_KEY_FILE"),
         tls_client_ca_file=reader.optional_path(PREFIX + "TLS_CLIENT_CA_FILE"),
         allow_plaintext=reader.boolean(PREFIX + "ALLOW_PLAINTEXT", Settings.allow_plaintext),
+        healthcheck_ca_file=reader.optional_path(PREFIX + "HEALTHCHECK_CA_FILE"),
+        healthcheck_cert_file=reader.optional_path(PREFIX + "HEALTHCHECK_CERT_FILE"),
+        healthcheck_key_file=reader.optional_path(PREFIX + "HEALTHCHECK_KEY_FILE"),
         meta_app_secrets=reader.text(PREFIX + "META_APP_SECRETS"),
         redrive_max_per_second=reader.integer(
             PREFIX + "REDRIVE_MAX_PER_SECOND", Settings.redrive_max_per_second, 1, 10_000

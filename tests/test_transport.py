@@ -31,6 +31,7 @@ from deadletter.v1 import deadletter_pb2_grpc as pb_grpc
 from server import app
 from server.auth import Role, mint_token
 from tests.conftest import JWT_SECRET, SAMPLES, BearerToken, channel_to, row_count, settings_for, token
+from tests.processes import run_server_command
 
 if TYPE_CHECKING:
     from deadletter.v1.deadletter_pb2_grpc import DeadLetterServiceAsyncStub as Stub
@@ -368,3 +369,32 @@ async def test_audience_list_containing_the_configured_audience_is_accepted(serv
     bearer = jwt.encode(service_claims(iss=ISSUER, aud=["crm", AUDIENCE]), JWT_SECRET, "HS256")
     async with servers.stub(jwt_issuer=ISSUER, jwt_audience=AUDIENCE) as stub:
         await assert_round_trip(stub, bearer)
+
+
+# --- healthcheck command --------------------------------------------------------------------------------------
+
+
+async def test_healthcheck_command_speaks_mtls(database_url: str, encryption_key: str, pki: Pki) -> None:
+    settings = settings_for(database_url, encryption_key, **tls_settings(pki, require_client_certs=True))
+    application = await app.start(settings)
+    try:
+        env = {
+            "DEADLETTER_LISTEN": f"localhost:{application.port}",
+            "DEADLETTER_TLS_CERT_FILE": str(pki.server_cert),
+            "DEADLETTER_TLS_KEY_FILE": str(pki.server_key),
+            "DEADLETTER_TLS_CLIENT_CA_FILE": str(pki.ca_cert),
+            "DEADLETTER_HEALTHCHECK_CA_FILE": str(pki.ca_cert),
+        }
+        without_identity = await run_server_command(env, command="healthcheck")
+        identity = {"DEADLETTER_HEALTHCHECK_CERT_FILE": str(pki.client_cert)}
+        identity["DEADLETTER_HEALTHCHECK_KEY_FILE"] = str(pki.client_key)
+        with_identity = await run_server_command(env | identity, command="healthcheck")
+        no_ca = await run_server_command(
+            {k: v for k, v in env.items() if "HEALTHCHECK" not in k}, command="healthcheck"
+        )
+    finally:
+        await application.stop(0)
+    assert with_identity == (0, "SERVING\n")
+    assert without_identity[0] == 1
+    assert no_ca[0] == 2
+    assert "DEADLETTER_HEALTHCHECK_CA_FILE" in no_ca[1]
