@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import tempfile
@@ -130,15 +131,21 @@ async def template_database(admin_dsn: str) -> AsyncIterator[str]:
         await _admin(admin_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-@pytest.fixture
-async def owner_database_url(admin_dsn: str, template_database: str) -> AsyncIterator[str]:
-    """A fresh, migrated database for one test, as its owner (the DSN migrations use)."""
-    name = f"deadletter_test_{uuid.uuid4().hex[:12]}"
-    await _admin(admin_dsn, f'CREATE DATABASE "{name}" TEMPLATE "{template_database}"')
+@contextlib.asynccontextmanager
+async def _fresh_database(admin_dsn: str, prefix: str, template: str | None = None) -> AsyncIterator[str]:
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    await _admin(admin_dsn, f'CREATE DATABASE "{name}"' + (f' TEMPLATE "{template}"' if template else ""))
     try:
         yield with_database(admin_dsn, name)
     finally:
         await _admin(admin_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+async def owner_database_url(admin_dsn: str, template_database: str) -> AsyncIterator[str]:
+    """A fresh, migrated database for one test, as its owner (the DSN migrations use)."""
+    async with _fresh_database(admin_dsn, "deadletter_test", template_database) as dsn:
+        yield dsn
 
 
 @pytest.fixture
@@ -150,12 +157,8 @@ def database_url(owner_database_url: str) -> str:
 @pytest.fixture
 async def empty_database_url(admin_dsn: str) -> AsyncIterator[str]:
     """A fresh database with no migrations applied."""
-    name = f"deadletter_empty_{uuid.uuid4().hex[:12]}"
-    await _admin(admin_dsn, f'CREATE DATABASE "{name}"')
-    try:
-        yield with_database(admin_dsn, name)
-    finally:
-        await _admin(admin_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    async with _fresh_database(admin_dsn, "deadletter_empty") as dsn:
+        yield dsn
 
 
 @pytest.fixture

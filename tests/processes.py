@@ -8,6 +8,7 @@ import signal
 import socket
 import sys
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 
@@ -101,25 +102,26 @@ class ServerProcess:
         await self.stop()
 
 
-async def run_server_command(
-    env: dict[str, str], limit_seconds: float = 60.0, command: str = "serve"
-) -> tuple[int, str]:
-    """Run python -m server COMMAND to completion (serve: where it must refuse to start); return code and output."""
+async def run(*command: str, cwd: os.PathLike[str] | str, env: Mapping[str, str], limit: float) -> tuple[int, str, str]:
+    """Run a command to completion within limit seconds; return its exit code, stdout and stderr."""
     process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "server",
-        command,
-        cwd=PROJECT_ROOT,
-        env=server_env(env),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
+        *command, cwd=cwd, env=dict(env), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
     )
     try:
-        output, _ = await asyncio.wait_for(process.communicate(), limit_seconds)
+        out, err = await asyncio.wait_for(process.communicate(), limit)
     except TimeoutError:
         process.kill()
         await process.wait()
         raise
     assert process.returncode is not None
-    return process.returncode, output.decode(errors="replace")
+    return process.returncode, out.decode(errors="replace"), err.decode(errors="replace")
+
+
+async def run_server_command(
+    env: dict[str, str], limit_seconds: float = 60.0, command: str = "serve"
+) -> tuple[int, str]:
+    """Run python -m server COMMAND to completion (serve: where it must refuse to start); return code and output."""
+    code, out, err = await run(
+        sys.executable, "-m", "server", command, cwd=PROJECT_ROOT, env=server_env(env), limit=limit_seconds
+    )
+    return code, out + err

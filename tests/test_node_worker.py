@@ -7,12 +7,10 @@ node or npm is not on PATH; the example's dependencies are installed with `npm c
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import os
 import shutil
-from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -22,7 +20,7 @@ from deadletter.v1 import deadletter_pb2_grpc as pb_grpc
 from server.auth import Role
 from server.config import PROJECT_ROOT
 from tests.conftest import JWT_SECRET, SAMPLES, SAMPLES_DIR, Sample, channel_to, token
-from tests.processes import ServerProcess, free_port
+from tests.processes import ServerProcess, free_port, run
 
 if TYPE_CHECKING:
     from deadletter.v1.deadletter_pb2_grpc import DeadLetterServiceAsyncStub as Stub
@@ -36,26 +34,6 @@ NPM_CI_TIMEOUT = 180.0
 NODE_TIMEOUT = 60.0
 
 
-async def _run(
-    *command: str, cwd: os.PathLike[str] | str, env: Mapping[str, str], limit: float
-) -> tuple[int, str, str]:
-    process = await asyncio.create_subprocess_exec(
-        *command,
-        cwd=cwd,
-        env=dict(env),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        out, err = await asyncio.wait_for(process.communicate(), limit)
-    except TimeoutError:
-        process.kill()
-        await process.wait()
-        raise
-    assert process.returncode is not None
-    return process.returncode, out.decode(errors="replace"), err.decode(errors="replace")
-
-
 @pytest.fixture(scope="module")
 async def node_worker() -> str:
     """Path of the node binary, with the example's node_modules installed from its lock file."""
@@ -63,7 +41,7 @@ async def node_worker() -> str:
     if node is None or npm is None:
         pytest.skip("node and npm are needed for the Node.js worker example (not on PATH)")
     if not (EXAMPLE / "node_modules").is_dir():
-        code, out, err = await _run(
+        code, out, err = await run(
             npm, "ci", "--no-audit", "--no-fund", cwd=EXAMPLE, env=os.environ, limit=NPM_CI_TIMEOUT
         )
         assert code == 0, f"npm ci failed ({code}):\n{out[-2000:]}\n{err[-3000:]}"
@@ -83,7 +61,7 @@ async def _store(node: str, address: str, bearer: str, sample: Sample) -> tuple[
         "SAMPLE_HEADERS_JSON": json.dumps(sample.headers),
         "CORRELATION_ID": f"node-test-{sample.file}",
     }
-    return await _run(node, str(SCRIPT), cwd=PROJECT_ROOT, env=env, limit=NODE_TIMEOUT)
+    return await run(node, str(SCRIPT), cwd=PROJECT_ROOT, env=env, limit=NODE_TIMEOUT)
 
 
 async def test_node_worker_stores_samples_byte_for_byte(
