@@ -14,6 +14,8 @@ import sys
 
 # gRPC core writes its own unstructured lines to stderr; keep only its errors beside our JSON logs.
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+# The embedded mode forks pg_ctl while gRPC threads run; gRPC's fork handlers are not needed for fork+exec.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 import grpc
 import grpc.aio

@@ -35,6 +35,8 @@ _UNAVAILABLE = (
     asyncpg.exceptions.OperatorInterventionError,  # admin shutdown, crash recovery, cannot connect now
     asyncpg.exceptions.InsufficientResourcesError,  # too many connections, disk full
     asyncpg.exceptions.QueryCanceledError,  # statement_timeout
+    # The driver's protocol state after the server vanished mid-query (seen while PostgreSQL restarts).
+    asyncpg.exceptions.InternalClientError,
 )
 
 
@@ -341,6 +343,11 @@ def translate_errors() -> Iterator[None]:
         raise
     except _UNAVAILABLE as exc:
         raise DatabaseUnavailable() from exc
+    except asyncpg.InterfaceError as exc:
+        # "connection is closed", "pool is closed": the database went away. Other interface errors are our bugs.
+        if "closed" in str(exc):
+            raise DatabaseUnavailable() from exc
+        raise
 
 
 def _meta(row: asyncpg.Record) -> DeadLetter:

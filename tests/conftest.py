@@ -6,6 +6,12 @@ instance for the session. Migrations run once into a template database; each tes
 
 from __future__ import annotations
 
+import os
+
+# Before grpc is imported: its fork handlers run in every child these tests fork (pgserver's pg_ctl, servers,
+# grpcurl) while gRPC threads are busy, and have crashed a pg_ctl child with SIGSEGV. No test needs them.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
 import asyncio
 import base64
 import contextlib
