@@ -120,7 +120,7 @@ async def _serve(settings: config.Settings) -> None:
     transport = "TLS" if settings.tls else "plaintext"
     log.info("serving", extra={"address": application.address, "database": mode, "transport": transport})
     grpcurl = "grpcurl -cacert CA.pem" if settings.tls else "grpcurl -plaintext"
-    token = "python -m server mint-token" + (" (uses the embedded secret)" if settings.embedded else "")
+    token = "python -m server mint-token --role service|admin" + (" (embedded secret)" if settings.embedded else "")
     print(
         f"deadletter is listening on {application.address} ({transport} gRPC; database: {mode}).\n"
         f"  Try: {grpcurl} {application.address} list\n"

@@ -79,10 +79,7 @@ async def start(settings: Settings) -> Application:
         leeway_seconds=settings.jwt_leeway_seconds,
     )
     credentials = _server_credentials(settings)
-    if settings.migrate_on_start and secrets.migrations_dsn is not None:
-        await migrate(secrets.migrations_dsn, settings.migrations_dir)
-        if secrets.provision_login_role is not None:
-            await provision_login_role(secrets.migrations_dsn, secrets.provision_login_role)
+    await prepare_database(settings, secrets)
     pool = await create_pool(settings, secrets.dsn)
     try:
         async with pool.acquire() as conn:
@@ -137,6 +134,14 @@ class Secrets:
     jwt_secret: str | None
     provision_login_role: str | None = None
     embedded_postgres: Any = None
+
+
+async def prepare_database(settings: Settings, secrets: Secrets) -> None:
+    """Apply pending migrations (when a migrations DSN is known) and, in the embedded mode, the login role."""
+    if settings.migrate_on_start and secrets.migrations_dsn is not None:
+        await migrate(secrets.migrations_dsn, settings.migrations_dir)
+        if secrets.provision_login_role is not None:
+            await provision_login_role(secrets.migrations_dsn, secrets.provision_login_role)
 
 
 async def database_and_secrets(settings: Settings) -> Secrets:

@@ -38,8 +38,8 @@ class NotFound(DeadLetterError):
 
     code = "NOT_FOUND"
 
-    def __init__(self, record_id: str) -> None:
-        super().__init__(f"dead letter {record_id} not found")
+    def __init__(self, record_id: str, what: str = "dead letter") -> None:
+        super().__init__(f"{what} {record_id} not found")
         self.record_id = record_id
 
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
-from server.app import database_and_secrets
+from server.app import database_and_secrets, prepare_database
 from server.auth import Role
 from server.config import ConfigError, Settings
 from server.crypto import Keyring
@@ -148,6 +148,7 @@ async def rotate_database(
     secrets = await database_and_secrets(settings)
     try:
         keyring = Keyring.parse(secrets.encryption_keys)
+        await prepare_database(settings, secrets)  # an embedded data folder may never have been served
         pool = await create_pool(dataclasses.replace(settings, db_pool_min_size=1, db_pool_max_size=2), secrets.dsn)
         try:
             async with pool.acquire() as conn:

@@ -212,7 +212,7 @@ class Vault:
     async def acknowledge(self, actor: Actor, message_id: uuid.UUID) -> None:
         async with self._transaction(actor) as tx:
             if await tx.acknowledge_queued(message_id) is None:
-                raise NotFound(str(message_id))
+                raise NotFound(str(message_id), "queued message")
 
     async def purge(self, actor: Actor, cutoff: datetime, dry_run: bool) -> int:
         """Delete dead letters that failed before cutoff, a batch per transaction; one audit row for the run."""

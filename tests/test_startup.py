@@ -170,3 +170,9 @@ def test_generate_key_prints_a_usable_key() -> None:
     key = generate_key()
     assert len(base64.b64decode(key)) == 32
     assert Keyring.parse(key).primary_id
+
+
+async def test_rotate_keys_works_on_an_embedded_folder_that_was_never_served(tmp_path: Path) -> None:
+    code, output = await run_server_command({"DEADLETTER_DATA_DIR": str(tmp_path / "data")}, command="rotate-keys")
+    assert code == 0, output
+    assert (tmp_path / "data" / "encryption.key").exists()

@@ -36,7 +36,8 @@ class DeadLetterServiceStub:
 
     Errors: INVALID_ARGUMENT for a malformed request (the message names the field), NOT_FOUND for an unknown id,
     ALREADY_EXISTS for an idempotency key reused with different content, DATA_LOSS for a stored record that fails
-    authenticated decryption, RESOURCE_EXHAUSTED for a message over the server's size limit, UNAVAILABLE when the
+    authenticated decryption, INTERNAL naming the key id for a record sealed under a key the server does not have
+    (restore that key to DEADLETTER_ENCRYPTION_KEYS), RESOURCE_EXHAUSTED for a message over the server's size limit, UNAVAILABLE when the
     database cannot be reached (retry; a Store may have been committed just before the connection was lost, so
     workers should always send an idempotency_key), UNAUTHENTICATED without a valid bearer token,
     PERMISSION_DENIED when the caller's role may not call the method. Error messages never contain payloads or
@@ -80,7 +81,8 @@ class DeadLetterServiceAsyncStub(DeadLetterServiceStub):
 
     Errors: INVALID_ARGUMENT for a malformed request (the message names the field), NOT_FOUND for an unknown id,
     ALREADY_EXISTS for an idempotency key reused with different content, DATA_LOSS for a stored record that fails
-    authenticated decryption, RESOURCE_EXHAUSTED for a message over the server's size limit, UNAVAILABLE when the
+    authenticated decryption, INTERNAL naming the key id for a record sealed under a key the server does not have
+    (restore that key to DEADLETTER_ENCRYPTION_KEYS), RESOURCE_EXHAUSTED for a message over the server's size limit, UNAVAILABLE when the
     database cannot be reached (retry; a Store may have been committed just before the connection was lost, so
     workers should always send an idempotency_key), UNAUTHENTICATED without a valid bearer token,
     PERMISSION_DENIED when the caller's role may not call the method. Error messages never contain payloads or
@@ -120,7 +122,8 @@ class DeadLetterServiceServicer(metaclass=_abc_1.ABCMeta):
 
     Errors: INVALID_ARGUMENT for a malformed request (the message names the field), NOT_FOUND for an unknown id,
     ALREADY_EXISTS for an idempotency key reused with different content, DATA_LOSS for a stored record that fails
-    authenticated decryption, RESOURCE_EXHAUSTED for a message over the server's size limit, UNAVAILABLE when the
+    authenticated decryption, INTERNAL naming the key id for a record sealed under a key the server does not have
+    (restore that key to DEADLETTER_ENCRYPTION_KEYS), RESOURCE_EXHAUSTED for a message over the server's size limit, UNAVAILABLE when the
     database cannot be reached (retry; a Store may have been committed just before the connection was lost, so
     workers should always send an idempotency_key), UNAUTHENTICATED without a valid bearer token,
     PERMISSION_DENIED when the caller's role may not call the method. Error messages never contain payloads or
