@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint generate clean
+.PHONY: run test lint generate bench clean
 
 ## run: start the service (embedded PostgreSQL unless DATABASE_URL is set) on 127.0.0.1:50051
 run: $(STAMP)
@@ -22,6 +22,10 @@ lint: $(STAMP)
 ## generate: regenerate generated/ from protos/ (tests fail while they differ)
 generate: $(STAMP)
 	$(BIN)/python scripts/gen_protos.py
+
+## bench: the performance benchmark (about 10 minutes; QUICK=1 for about 2); needs h2load (nghttp2-client)
+bench: $(STAMP)
+	$(BIN)/python bench/run.py $(if $(QUICK),--quick)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

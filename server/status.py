@@ -32,6 +32,9 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]  
 
     def __init__(self, service_prefixes: tuple[str, ...]) -> None:
         self._prefixes = service_prefixes
+        # The registered handlers never change: wrap each once, not on every call. (Refusal handlers are made per
+        # call and are not cached.)
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler[Any, Any], grpc.RpcMethodHandler[Any, Any]]] = {}
 
     async def intercept_service(
         self,
@@ -42,11 +45,17 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]  
         method: str = handler_call_details.method
         if handler is None or handler.unary_unary is None or not method.startswith(self._prefixes):
             return handler
-        return grpc.unary_unary_rpc_method_handler(
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = grpc.unary_unary_rpc_method_handler(
             _mapped(method, cast(Behavior, handler.unary_unary)),
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
+        if handler.request_deserializer is not None:  # a registered handler, not a per-call refusal
+            self._wrapped[method] = (handler, wrapped)
+        return wrapped
 
 
 def _mapped(method: str, behavior: Behavior) -> Behavior:

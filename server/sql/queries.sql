@@ -169,7 +169,8 @@ UPDATE retention_runs SET purged = $2 WHERE run_on = $1;
 SELECT 1;
 
 -- name: pending_by_provider
--- For the metrics refresher, every few tens of seconds: never per scrape. Walks the pending partial index.
+-- For the metrics refresher, every few tens of seconds: never per scrape. An index-only scan of
+-- dead_letter_queue_pending_provider_idx (migrations/0006).
 SELECT provider, count(*) AS pending, min(failed_at) AS oldest
 FROM dead_letter_queue
 WHERE status = 'pending'
