@@ -221,6 +221,17 @@ def settings_for(database_url: str, encryption_keys: str, **overrides: Any) -> S
     return Settings(**values)
 
 
+@contextlib.asynccontextmanager
+async def serving(database_url: str, encryption_keys: str, **overrides: Any) -> AsyncIterator[Stub]:
+    """A server started with these settings, and a service-role stub to it; stopped on exit."""
+    application = await app.start(settings_for(database_url, encryption_keys, **overrides))
+    try:
+        async with channel_to(application.address, token()) as channel:
+            yield pb_grpc.DeadLetterServiceStub(channel)
+    finally:
+        await application.stop(0)
+
+
 @pytest.fixture
 async def server(database_url: str, encryption_key: str) -> AsyncIterator[app.Application]:
     application = await app.start(settings_for(database_url, encryption_key))

@@ -23,7 +23,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from deadletter.v1 import deadletter_pb2 as pb
 from deadletter.v1 import deadletter_pb2_grpc as pb_grpc
 from server import app
-from tests.conftest import PROVIDERS, SAMPLES, Sample, channel_to, row_count, settings_for, token
+from tests.conftest import PROVIDERS, SAMPLES, Sample, channel_to, row_count, serving, settings_for, token
 
 if TYPE_CHECKING:
     from deadletter.v1.deadletter_pb2_grpc import DeadLetterServiceAsyncStub as Stub
@@ -119,12 +119,8 @@ def _timestamp(value: datetime) -> Timestamp:
 @pytest.fixture
 async def signing_stub(database_url: str, encryption_key: str) -> AsyncIterator[Stub]:
     """A server that checks x-hub-signature-256 against two app secrets (an old one and the samples' one)."""
-    application = await app.start(settings_for(database_url, encryption_key, meta_app_secrets=APP_SECRETS))
-    try:
-        async with channel_to(application.address, token()) as channel:
-            yield pb_grpc.DeadLetterServiceStub(channel)
-    finally:
-        await application.stop(0)
+    async with serving(database_url, encryption_key, meta_app_secrets=APP_SECRETS) as stub:
+        yield stub
 
 
 # --- Reprocess ---------------------------------------------------------------------------------------------------

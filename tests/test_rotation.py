@@ -11,7 +11,6 @@ import base64
 import contextlib
 import sys
 import uuid
-from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 import asyncpg
@@ -20,13 +19,11 @@ import grpc.aio
 import pytest
 
 from deadletter.v1 import deadletter_pb2 as pb
-from deadletter.v1 import deadletter_pb2_grpc as pb_grpc
-from server import app
 from server.config import PROJECT_ROOT
 from server.crypto import Keyring, generate_key, key_id
 from server.rotation import RotationReport, rotate, rotate_database
 from server.store import Store, create_pool
-from tests.conftest import JWT_SECRET, SAMPLES, Sample, channel_to, settings_for, token
+from tests.conftest import JWT_SECRET, SAMPLES, Sample, serving, settings_for
 from tests.processes import server_env
 
 if TYPE_CHECKING:
@@ -39,15 +36,8 @@ def _kid(key: str) -> str:
     return key_id(base64.b64decode(key))
 
 
-@contextlib.asynccontextmanager
-async def _serving(database_url: str, keys: str) -> AsyncIterator[Stub]:
-    """A server configured with keys, and a service-role stub to it."""
-    application = await app.start(settings_for(database_url, keys, retention_enabled=False))
-    try:
-        async with channel_to(application.address, token()) as channel:
-            yield pb_grpc.DeadLetterServiceStub(channel)
-    finally:
-        await application.stop(0)
+def _serving(database_url: str, keys: str) -> contextlib.AbstractAsyncContextManager[Stub]:
+    return serving(database_url, keys, retention_enabled=False)
 
 
 async def _store(stub: Stub, sample: Sample) -> str:
