@@ -127,62 +127,93 @@ class Store:
             await tx.audit(entry)
 
 
-class StoreBatcher:
-    """Coalesces concurrent Stores into one statement per batch: one round trip, one commit, many callers.
+_Item = tuple[NewRecord, Actor, "asyncio.Future[datetime | None]"]
 
-    Each caller waits for the statement that carries its record; its answer comes after that commit. Up to
-    max_in_flight batches run at once; what arrives meanwhile waits for the next one. Records from different
-    subjects go in different statements, because each transaction declares one actor.
+
+class StoreBatcher:
+    """Group commit: coalesces concurrent Stores into one statement per batch (one round trip, one commit).
+
+    Each caller waits for the statement that carries its record; its answer comes after that commit. One writer
+    drains the queue on one connection for as long as it is not empty, so what arrives while a batch is in
+    flight rides in the next one: batches grow with the load instead of each Store paying its own round trip.
+    Another writer (up to max_writers) starts only for each further spill records that wait, i.e. when the
+    database rather than this process is the bottleneck. Records from different subjects go in different statements,
+    because each transaction declares one actor.
     """
 
-    def __init__(self, pool: asyncpg.Pool, acquire_timeout: float, max_batch: int = 256, max_in_flight: int = 4):
+    def __init__(
+        self, pool: asyncpg.Pool, acquire_timeout: float, max_batch: int = 256, max_writers: int = 4, spill: int = 64
+    ) -> None:
         self._pool = pool
         self._acquire_timeout = acquire_timeout
         self._max_batch = max_batch
-        self._max_in_flight = max_in_flight
-        self._pending: list[tuple[NewRecord, Actor, asyncio.Future[datetime | None]]] = []
-        self._in_flight = 0
+        self._max_writers = max_writers
+        self._spill = spill
+        self._pending: list[_Item] = []
+        self._writers = 0
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def insert(self, record: NewRecord, actor: Actor) -> datetime | None:
         """Insert and commit with its audit row; failed_at, or None if the idempotency key is taken."""
         future: asyncio.Future[datetime | None] = asyncio.get_running_loop().create_future()
         self._pending.append((record, actor, future))
-        if self._in_flight < self._max_in_flight:
-            self._in_flight += 1
+        if self._writers == 0 or (
+            self._writers < self._max_writers and len(self._pending) >= self._spill * self._writers
+        ):
+            self._writers += 1
             task = asyncio.create_task(self._drain())
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-        # shield: a caller that gives up must not cancel the statement that also carries other callers' rows.
-        return await asyncio.shield(future)
+        # The statement runs in the writer task: a caller that gives up cancels only its own future, never the
+        # statement that also carries other callers' rows (its own row may still commit, unacknowledged).
+        return await future
+
+    def _take(self) -> list[_Item]:
+        batch = self._pending[: self._max_batch]
+        del self._pending[: self._max_batch]
+        return batch
 
     async def _drain(self) -> None:
+        batch: list[_Item] = []
         try:
             while self._pending:
-                batch = self._pending[: self._max_batch]
-                del self._pending[: self._max_batch]
-                groups: dict[str, list[tuple[NewRecord, Actor, asyncio.Future[datetime | None]]]] = {}
-                for item in batch:
-                    groups.setdefault(item[1].subject, []).append(item)
-                for group in groups.values():
-                    await self._write(group)
+                batch = self._take()
+                try:
+                    with translate_errors():
+                        async with self._pool.acquire(timeout=self._acquire_timeout) as conn:
+                            await self._write_batch(conn, batch)
+                            while self._pending:  # keep the connection for the batches that queued meanwhile
+                                batch = self._take()
+                                await self._write_batch(conn, batch)
+                except Exception as error:  # no connection, or it broke: what this batch still holds fails
+                    _settle(batch, error)
+        except BaseException:
+            for _, _, future in batch:  # cancelled (shutdown): unanswered, so the callers know nothing is promised
+                future.cancel()
+            raise
         finally:
-            self._in_flight -= 1
+            self._writers -= 1
 
-    async def _write(self, group: list[tuple[NewRecord, Actor, asyncio.Future[datetime | None]]]) -> None:
+    async def _write_batch(self, conn: asyncpg.pool.PoolConnectionProxy, batch: list[_Item]) -> None:
+        groups: dict[str, list[_Item]] = {}
+        for item in batch:
+            groups.setdefault(item[1].subject, []).append(item)
+        for group in groups.values():
+            await self._write(conn, group)
+
+    async def _write(self, conn: asyncpg.pool.PoolConnectionProxy, group: list[_Item]) -> None:
         try:
             with translate_errors():
-                async with self._pool.acquire(timeout=self._acquire_timeout) as conn:
-                    rows = await conn.fetch(QUERIES["store_batch"], *_batch_args(group))
+                rows = await conn.fetch(QUERIES["store_batch"], *_batch_args(group))
+        except DatabaseUnavailable:
+            raise  # the connection is gone: the writer fails the rest of the batch and takes another
         except Exception as error:
-            if len(group) > 1 and not isinstance(error, DatabaseUnavailable):
-                # One bad row must not fail the others: write them one by one.
-                for item in group:
-                    await self._write([item])
+            if len(group) == 1:
+                _settle(group, error)
                 return
-            for _, _, future in group:
-                if not future.done():
-                    future.set_exception(error)
+            # One bad row must not fail the others: write them one by one.
+            for item in group:
+                await self._write(conn, [item])
             return
         committed = {row["id"]: row["failed_at"] for row in rows}
         for record, _, future in group:
@@ -190,7 +221,13 @@ class StoreBatcher:
                 future.set_result(committed.get(record.id))
 
 
-def _batch_args(group: list[tuple[NewRecord, Actor, asyncio.Future[datetime | None]]]) -> list[object]:
+def _settle(items: list[_Item], error: BaseException) -> None:
+    for _, _, future in items:
+        if not future.done():
+            future.set_exception(error)
+
+
+def _batch_args(group: list[_Item]) -> list[object]:
     records = [record for record, _, _ in group]
     actor = group[0][1]
     return [
