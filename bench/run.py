@@ -61,6 +61,9 @@ def _options(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--profile", type=Path, metavar="DIR", help="py-spy the server during one extra, unreported Store run at 64"
     )
+    parser.add_argument(
+        "--store-only", action="store_true", help="only the Store section and its ceilings (for iterating)"
+    )
     parser.add_argument("--output", type=Path, help="also write the markdown to this file")
     options = parser.parse_args(argv)
     quick = options.quick
@@ -115,6 +118,8 @@ class Bench:
                 store = report.StoreFigures(
                     LEVELS, {c: self.generator.shape(c) for c in LEVELS}, real, bare, raw, connections
                 )
+                if self.options.store_only:
+                    return report.store_section(store) + "\n"
                 reads, purge, soak = await self.rows_sections(server, db)
             elapsed = time.monotonic() - self.started
             head = report.Header(
