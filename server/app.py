@@ -90,6 +90,7 @@ async def start(settings: Settings) -> Application:
             redrive_max_per_second=settings.redrive_max_per_second,
             redrive_max_batch=settings.redrive_max_batch,
             purge_batch_size=settings.purge_batch_size,
+            purge_rest_percent=settings.purge_rest_percent,
         )
         vault = Vault(store, keyring, policy)
         server, health_servicer = _grpc_server(settings, vault, AccessInterceptor(verifier, store))

@@ -59,6 +59,7 @@ class Settings:
     redrive_max_per_second: int = 50
     redrive_max_batch: int = 10_000
     purge_batch_size: int = 5_000
+    purge_rest_percent: int = 200
     purge_min_age_days: int = 1
     retention_days: int = 90
     retention_cron: str = "0 3 * * *"
@@ -143,6 +144,11 @@ VARIABLES: tuple[_Var, ...] = (
     _Var(PREFIX + "RETENTION_ENABLED", "true", "Run the daily purge (one replica runs it each day)."),
     _Var(PREFIX + "PURGE_MIN_AGE_DAYS", "1", "Purge refuses a cut-off more recent than this."),
     _Var(PREFIX + "PURGE_BATCH_SIZE", "5000", "Rows deleted per transaction by a purge."),
+    _Var(
+        PREFIX + "PURGE_REST_PERCENT",
+        "200",
+        "After each batch a purge rests this share of the time the batch took, so Stores keep theirs; 0: no rest.",
+    ),
     _Var(PREFIX + "RABBITMQ_URL", "(unset: outbox only)", "AMQP URL; a relay publishes reprocessed webhooks there."),
     _Var(PREFIX + "RABBITMQ_QUEUE", "deadletter.reprocess", "Durable queue the relay publishes to."),
     _Var(
@@ -210,6 +216,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         ),
         redrive_max_batch=reader.integer(PREFIX + "REDRIVE_MAX_BATCH", Settings.redrive_max_batch, 1, 1_000_000),
         purge_batch_size=reader.integer(PREFIX + "PURGE_BATCH_SIZE", Settings.purge_batch_size, 1, 100_000),
+        purge_rest_percent=reader.integer(PREFIX + "PURGE_REST_PERCENT", Settings.purge_rest_percent, 0, 1000),
         purge_min_age_days=reader.integer(PREFIX + "PURGE_MIN_AGE_DAYS", Settings.purge_min_age_days, 0, 3650),
         retention_days=reader.integer(PREFIX + "RETENTION_DAYS", Settings.retention_days, 1, 3650),
         retention_cron=reader.text(PREFIX + "RETENTION_CRON") or Settings.retention_cron,
