@@ -3,8 +3,9 @@
 It handles ciphertext only; encryption happens in the vault before anything reaches here. Every request runs
 in one transaction that first switches to the caller's database role (SET LOCAL semantics), so PostgreSQL's
 row-level security applies to it independently of the gRPC interceptor. Connection
-failures and pool time-outs become DatabaseUnavailable (UNAVAILABLE to the caller): a Store that raises has
-not been committed, and one that returns has.
+failures and pool time-outs become DatabaseUnavailable (UNAVAILABLE to the caller). A Store that returns has
+been committed; one that raises or is cancelled promises nothing either way (its statement may have committed
+before the answer was lost), which is why workers send an idempotency key.
 """
 
 from __future__ import annotations
@@ -110,7 +111,8 @@ class Store:
     def __init__(self, pool: asyncpg.Pool, acquire_timeout: float) -> None:
         self._pool = pool
         self._acquire_timeout = acquire_timeout
-        self.batcher = StoreBatcher(pool, acquire_timeout)
+        # Writers hold their connection while Stores keep coming: leave at least half the pool to the other calls.
+        self.batcher = StoreBatcher(pool, acquire_timeout, max_writers=max(1, min(4, pool.get_max_size() // 2)))
 
     @contextlib.asynccontextmanager
     async def transaction(self, role: Role, subject: str) -> AsyncIterator[Transaction]:
@@ -163,10 +165,20 @@ class StoreBatcher:
             self._writers += 1
             task = asyncio.create_task(self._drain())
             self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            task.add_done_callback(self._writer_done)  # runs even for a writer cancelled before it started
         # The statement runs in the writer task: a caller that gives up cancels only its own future, never the
         # statement that also carries other callers' rows (its own row may still commit, unacknowledged).
         return await future
+
+    def _writer_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._writers -= 1
+        if task.cancelled() and self._writers == 0:
+            # Shutting down mid-drain: no writer is left for what is queued, and its callers must not wait for
+            # ever. Cancelled, they are answered CANCELLED: nothing was promised.
+            for _, _, future in self._pending:
+                future.cancel()
+            self._pending.clear()
 
     def _take(self) -> list[_Item]:
         batch = self._pending[: self._max_batch]
@@ -185,28 +197,37 @@ class StoreBatcher:
                             while self._pending:  # keep the connection for the batches that queued meanwhile
                                 batch = self._take()
                                 await self._write_batch(conn, batch)
-                except Exception as error:  # no connection, or it broke: what this batch still holds fails
+                except _ConnectionLost:
+                    continue  # its group failed; the rest of its batch was queued again, for a new connection
+                except Exception as error:  # no connection to be had: the whole batch fails
                     _settle(batch, error)
         except BaseException:
             for _, _, future in batch:  # cancelled (shutdown): unanswered, so the callers know nothing is promised
                 future.cancel()
             raise
-        finally:
-            self._writers -= 1
 
     async def _write_batch(self, conn: asyncpg.pool.PoolConnectionProxy, batch: list[_Item]) -> None:
         groups: dict[str, list[_Item]] = {}
         for item in batch:
             groups.setdefault(item[1].subject, []).append(item)
-        for group in groups.values():
-            await self._write(conn, group)
+        untried = list(groups.values())
+        while untried:
+            group = untried.pop(0)
+            try:
+                await self._write(conn, group)
+            except DatabaseUnavailable as error:
+                # Only the group whose statement was in flight may have committed or not: it fails. The others
+                # were never sent; they go first in the queue, for the next connection.
+                _settle(group, error)
+                self._pending[:0] = [item for rest in untried for item in rest]
+                raise _ConnectionLost from error
 
     async def _write(self, conn: asyncpg.pool.PoolConnectionProxy, group: list[_Item]) -> None:
         try:
             with translate_errors():
                 rows = await conn.fetch(QUERIES["store_batch"], *_batch_args(group))
         except DatabaseUnavailable:
-            raise  # the connection is gone: the writer fails the rest of the batch and takes another
+            raise
         except Exception as error:
             if len(group) == 1:
                 _settle(group, error)
@@ -219,6 +240,10 @@ class StoreBatcher:
         for record, _, future in group:
             if not future.done():
                 future.set_result(committed.get(record.id))
+
+
+class _ConnectionLost(Exception):
+    """The writer's connection broke; what was not yet sent is queued again."""
 
 
 def _settle(items: list[_Item], error: BaseException) -> None:
@@ -324,7 +349,7 @@ class Transaction:
 
     async def try_lock(self, key: int) -> bool:
         """Take a transaction-scoped advisory lock if it is free."""
-        locked: bool = await self._conn.fetchval(QUERIES["try_retention_lock"], key)
+        locked: bool = await self._conn.fetchval(QUERIES["try_retention_lock"], key)  # the first column
         return locked
 
     async def claim_retention_run(self, day: date, cutoff: datetime) -> bool:

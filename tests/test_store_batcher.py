@@ -17,6 +17,7 @@ import pytest
 from server.audit import Actor
 from server.auth import Role
 from server.domain import FailureKind, Provider
+from server.errors import DatabaseUnavailable
 from server.store import NewRecord, StoreBatcher
 from tests.conftest import eventually
 
@@ -128,3 +129,42 @@ async def test_stores_queue_behind_a_slow_statement_and_a_backlog_starts_another
     assert all(isinstance(a, datetime) for a in answers)
     assert len(set(answers)) == 2
     assert await db.fetchval("SELECT count(*) FROM dead_letter_queue") == 41
+
+
+async def test_a_broken_connection_fails_the_statement_in_flight_and_the_rest_of_its_batch_is_written(
+    pool: asyncpg.Pool, owner_database_url: str, db: asyncpg.Connection
+) -> None:
+    other = Actor("other-worker", Role.SERVICE, "ipv4:127.0.0.1:6666", ACTOR.method)  # a second statement
+    batcher = StoreBatcher(pool, acquire_timeout=5)
+    waiting = "SELECT pid FROM pg_locks WHERE relation = 'dead_letter_queue'::regclass AND NOT granted"
+    blocker = await asyncpg.connect(owner_database_url)
+    try:
+        blocking = blocker.transaction()
+        await blocking.start()
+        await blocker.execute("LOCK TABLE dead_letter_queue IN EXCLUSIVE MODE")
+        first, second = record(), record()
+        # One batch, two subjects: two statements, the first of which is blocked by the lock.
+        in_flight = asyncio.ensure_future(batcher.insert(first, ACTOR))
+        queued = asyncio.ensure_future(batcher.insert(second, other))
+
+        async def one_waiting() -> bool:
+            return len(await db.fetch(waiting)) == 1
+
+        assert await eventually(one_waiting, within=10)
+        [pid] = [row["pid"] for row in await db.fetch(waiting)]
+        assert await db.fetchval("SELECT pg_terminate_backend($1)", pid)
+
+        with pytest.raises(DatabaseUnavailable):
+            await in_flight
+        # The untried statement goes out again on a new connection (and waits for the lock again).
+        assert await eventually(one_waiting, within=10)
+        assert [row["pid"] for row in await db.fetch(waiting)] != [pid]
+        await blocking.rollback()
+        assert isinstance(await queued, datetime)
+    finally:
+        await blocker.close()
+
+    later = record()
+    assert isinstance(await batcher.insert(later, ACTOR), datetime)  # the batcher still has a writer
+    stored = {row["id"] for row in await db.fetch("SELECT id FROM dead_letter_queue")}
+    assert stored == {second.id, later.id}
