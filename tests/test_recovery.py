@@ -599,6 +599,8 @@ async def test_purge_deletes_in_batches_each_audited_with_its_count(
     assert [a["metadata"]["count"] for a in audits] == [7] * 7 + [1]
     assert [a["metadata"]["batch"] for a in audits] == list(range(1, 9))
     assert [a["metadata"]["last"] for a in audits] == [False] * 7 + [True]
+    assert len({a["metadata"]["run"] for a in audits}) == 1
+    assert audits[-1]["metadata"]["total"] == 50
 
 
 async def test_an_interrupted_purge_leaves_every_deleted_row_accounted_for(

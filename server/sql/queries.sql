@@ -156,7 +156,9 @@ WITH doomed AS (
 DELETE FROM dead_letter_queue AS d USING doomed WHERE d.id = doomed.id;
 
 -- name: try_retention_lock
-SELECT pg_try_advisory_xact_lock($1);
+-- The transaction stays open, idle, while the purge runs its batches on other connections (minutes for a big
+-- backlog): a server-wide idle_in_transaction_session_timeout must not end it, and the run with it.
+SELECT pg_try_advisory_xact_lock($1), set_config('idle_in_transaction_session_timeout', '0', true);
 
 -- name: claim_retention_run
 -- The first replica to record today's run performs it; the others find the row and skip.
