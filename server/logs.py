@@ -32,8 +32,7 @@ class JsonFormatter(logging.Formatter):
             "message": record.getMessage(),
         }
         entry.update(call_fields.get() or {})
-        fields = record.__dict__
-        entry.update({k: fields[k] for k in fields.keys() - _RESERVED})
+        entry.update({k: v for k, v in record.__dict__.items() if k not in _RESERVED})
         if record.exc_info and record.exc_info[0] is not None:
             # The type and the stack, never str(exception): see the module docstring.
             entry["exception"] = record.exc_info[0].__name__
