@@ -21,18 +21,13 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from deadletter.v1 import deadletter_pb2 as pb
-from deadletter.v1 import deadletter_pb2_grpc as pb_grpc
-from server import app
 from tests.conftest import (
     PROVIDERS,
     SAMPLES,
     Sample,
-    channel_to,
     eventually,
     row_count,
     serving,
-    settings_for,
-    token,
 )
 
 if TYPE_CHECKING:
@@ -582,16 +577,11 @@ async def test_a_too_recent_cutoff_is_invalid_argument(
 async def test_purge_deletes_in_batches_each_audited_with_its_count(
     database_url: str, encryption_key: str, db: asyncpg.Connection
 ) -> None:
-    application = await app.start(settings_for(database_url, encryption_key, purge_batch_size=7))
-    try:
-        async with channel_to(application.address, token()) as channel:
-            stub: Stub = pb_grpc.DeadLetterServiceStub(channel)
-            expired = await _store_many(stub, 50)
-            fresh = await _store_many(stub, 3)
-            await _age(db, expired, 100)
-            result = await _purge(stub)
-    finally:
-        await application.stop(0)
+    async with serving(database_url, encryption_key, purge_batch_size=7) as stub:
+        expired = await _store_many(stub, 50)
+        fresh = await _store_many(stub, 3)
+        await _age(db, expired, 100)
+        result = await _purge(stub)
 
     assert result.purged_count == 50
     assert await _remaining(db) == set(fresh)
@@ -607,25 +597,19 @@ async def test_an_interrupted_purge_leaves_every_deleted_row_accounted_for(
     database_url: str, encryption_key: str, db: asyncpg.Connection
 ) -> None:
     # Long rests between batches of 5 leave time to cancel the call after a couple of batches.
-    settings = settings_for(database_url, encryption_key, purge_batch_size=5, purge_rest_percent=1000)
-    application = await app.start(settings)
-    try:
-        async with channel_to(application.address, token()) as channel:
-            stub: Stub = pb_grpc.DeadLetterServiceStub(channel)
-            expired = await _store_many(stub, 60)
-            await _age(db, expired, 100)
-            call = stub.Purge(pb.PurgeRequest(), timeout=60)
+    async with serving(database_url, encryption_key, purge_batch_size=5, purge_rest_percent=1000) as stub:
+        expired = await _store_many(stub, 60)
+        await _age(db, expired, 100)
+        call = stub.Purge(pb.PurgeRequest(), timeout=60)
 
-            async def two_batches_done() -> bool:
-                return len(await _audits(db, "purged")) >= 2
+        async def two_batches_done() -> bool:
+            return len(await _audits(db, "purged")) >= 2
 
-            assert await eventually(two_batches_done, within=30, every=0.01)
-            call.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await call
-            await asyncio.sleep(0.5)  # the server notices the cancellation; nothing more may be deleted
-    finally:
-        await application.stop(0)
+        assert await eventually(two_batches_done, within=30, every=0.01)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        await asyncio.sleep(0.5)  # the server notices the cancellation; nothing more may be deleted
 
     deleted = len(expired) - await row_count(db)
     counts = [a["metadata"]["count"] for a in await _audits(db, "purged")]
