@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import ipaddress
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 PREFIX = "DEADLETTER_"
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -81,152 +82,284 @@ class Settings:
         return self.database_url is None
 
 
+Read = Callable[["_Reader", str, Any], Any]  # (reader, variable name, the Settings default) -> value
+
+
+def _text(reader: _Reader, name: str, default: Any) -> Any:
+    return reader.text(name) or default
+
+
+def _path(reader: _Reader, name: str, default: Any) -> Any:
+    value = reader.text(name)
+    return Path(value).expanduser().resolve() if value else default
+
+
+def _boolean(reader: _Reader, name: str, default: Any) -> Any:
+    return reader.boolean(name, default)
+
+
+def _integer(low: int, high: int) -> Read:
+    return lambda reader, name, default: reader.integer(name, default, low, high)
+
+
+def _seconds(*, allow_zero: bool = False, high: float = 3600) -> Read:
+    return lambda reader, name, default: reader.seconds(name, default, allow_zero=allow_zero, high=high)
+
+
+def _log_level(reader: _Reader, name: str, default: Any) -> Any:
+    return reader.choice(name, default, ("DEBUG", "INFO", "WARNING", "ERROR"))
+
+
+def _metrics_listen(reader: _Reader, name: str, default: Any) -> Any:
+    value = reader.text(name)
+    if value is None:
+        return default
+    if value.lower() in ("off", "false", "0", "none"):
+        return None
+    _check_listen(value, name)
+    return value
+
+
 @dataclass(frozen=True)
 class _Var:
     name: str
-    default: str
+    field: str  # of Settings, whose default is the value when the variable is unset
+    read: Read
+    default: str  # as the README shows it
     help: str
 
 
-# The single list of settings: the README's table is written from it (python -m server settings).
+# The single list of settings: from_env reads them from it and the README's table is written from it
+# (python -m server settings).
 VARIABLES: tuple[_Var, ...] = (
-    _Var("DATABASE_URL", "(unset: embedded PostgreSQL)", "PostgreSQL DSN, passed to asyncpg untouched."),
-    _Var(PREFIX + "LISTEN", "127.0.0.1:50051", "host:port the gRPC server binds."),
+    _Var(
+        "DATABASE_URL",
+        "database_url",
+        _text,
+        "(unset: embedded PostgreSQL)",
+        "PostgreSQL DSN, passed to asyncpg untouched.",
+    ),
+    _Var(PREFIX + "LISTEN", "listen", _text, "127.0.0.1:50051", "host:port the gRPC server binds."),
     _Var(
         PREFIX + "ENCRYPTION_KEYS",
+        "encryption_keys",
+        _text,
         "(required with DATABASE_URL)",
         "Comma-separated base64 AES-256 keys (32 bytes each), newest first; the first encrypts.",
     ),
     _Var(
         PREFIX + "MIGRATIONS_DATABASE_URL",
+        "migrations_database_url",
+        _text,
         "(unset: no migrations at start)",
         "DSN of the tables' owner, for migrations. The server's own DATABASE_URL role must not own them.",
     ),
     _Var(
         PREFIX + "JWT_SECRET",
+        "jwt_secret",
+        _text,
         "(required with DATABASE_URL, or a public key)",
         "HS256 secret (32+ bytes) that verifies callers' bearer tokens.",
     ),
-    _Var(PREFIX + "JWT_PUBLIC_KEY_FILE", "(unset)", "PEM RSA or P-256 public key: RS256/ES256 tokens."),
-    _Var(PREFIX + "JWT_ISSUER", "(unset: not checked)", "Required iss claim."),
-    _Var(PREFIX + "JWT_AUDIENCE", "(unset: not checked)", "Required aud claim."),
-    _Var(PREFIX + "JWT_LEEWAY_SECONDS", "30", "Clock skew allowed on exp, nbf and iat (at most 120)."),
-    _Var(PREFIX + "TLS_CERT_FILE", "(unset: plaintext)", "PEM certificate chain; serve TLS."),
-    _Var(PREFIX + "TLS_KEY_FILE", "(unset)", "PEM private key of the certificate."),
     _Var(
-        PREFIX + "TLS_CLIENT_CA_FILE", "(unset: no client certificates)", "PEM CA; require client certificates (mTLS)."
+        PREFIX + "JWT_PUBLIC_KEY_FILE",
+        "jwt_public_key_file",
+        _path,
+        "(unset)",
+        "PEM RSA or P-256 public key: RS256/ES256 tokens.",
+    ),
+    _Var(PREFIX + "JWT_ISSUER", "jwt_issuer", _text, "(unset: not checked)", "Required iss claim."),
+    _Var(PREFIX + "JWT_AUDIENCE", "jwt_audience", _text, "(unset: not checked)", "Required aud claim."),
+    _Var(
+        PREFIX + "JWT_LEEWAY_SECONDS",
+        "jwt_leeway_seconds",
+        _seconds(allow_zero=True, high=120),
+        "30",
+        "Clock skew allowed on exp, nbf and iat (at most 120).",
+    ),
+    _Var(PREFIX + "TLS_CERT_FILE", "tls_cert_file", _path, "(unset: plaintext)", "PEM certificate chain; serve TLS."),
+    _Var(PREFIX + "TLS_KEY_FILE", "tls_key_file", _path, "(unset)", "PEM private key of the certificate."),
+    _Var(
+        PREFIX + "TLS_CLIENT_CA_FILE",
+        "tls_client_ca_file",
+        _path,
+        "(unset: no client certificates)",
+        "PEM CA; require client certificates (mTLS).",
     ),
     _Var(
         PREFIX + "ALLOW_PLAINTEXT",
+        "allow_plaintext",
+        _boolean,
         "false",
         "Serve plaintext on a non-loopback address (only behind something that encrypts, e.g. a mesh).",
     ),
     _Var(
         PREFIX + "HEALTHCHECK_CA_FILE",
+        "healthcheck_ca_file",
+        _path,
         "(unset)",
         "With TLS: the CA `healthcheck` trusts (the server's name: localhost).",
     ),
-    _Var(PREFIX + "HEALTHCHECK_CERT_FILE", "(unset)", "With mTLS: the client certificate `healthcheck` presents."),
-    _Var(PREFIX + "HEALTHCHECK_KEY_FILE", "(unset)", "With mTLS: its private key."),
+    _Var(
+        PREFIX + "HEALTHCHECK_CERT_FILE",
+        "healthcheck_cert_file",
+        _path,
+        "(unset)",
+        "With mTLS: the client certificate `healthcheck` presents.",
+    ),
+    _Var(PREFIX + "HEALTHCHECK_KEY_FILE", "healthcheck_key_file", _path, "(unset)", "With mTLS: its private key."),
     _Var(
         PREFIX + "META_APP_SECRETS",
+        "meta_app_secrets",
+        _text,
         "(unset: not checked)",
         "Comma-separated Meta app secrets; Reprocess refuses a payload whose x-hub-signature-256 matches none.",
     ),
-    _Var(PREFIX + "REDRIVE_MAX_PER_SECOND", "50", "Fastest a Redrive sends (and its default)."),
-    _Var(PREFIX + "REDRIVE_MAX_BATCH", "10000", "Most dead letters one Redrive call may touch."),
+    _Var(
+        PREFIX + "REDRIVE_MAX_PER_SECOND",
+        "redrive_max_per_second",
+        _integer(1, 10_000),
+        "50",
+        "Fastest a Redrive sends (and its default).",
+    ),
+    _Var(
+        PREFIX + "REDRIVE_MAX_BATCH",
+        "redrive_max_batch",
+        _integer(1, 1_000_000),
+        "10000",
+        "Most dead letters one Redrive call may touch.",
+    ),
     _Var(
         PREFIX + "RETENTION_DAYS",
+        "retention_days",
+        _integer(1, 3650),
         "90",
         "Dead letters older than this are purged daily, and by a Purge naming no cut-off.",
     ),
-    _Var(PREFIX + "RETENTION_CRON", "0 3 * * *", "When the daily purge runs (crontab fields, UTC)."),
-    _Var(PREFIX + "RETENTION_ENABLED", "true", "Run the daily purge (one replica runs it each day)."),
-    _Var(PREFIX + "PURGE_MIN_AGE_DAYS", "1", "Purge refuses a cut-off more recent than this."),
-    _Var(PREFIX + "PURGE_BATCH_SIZE", "5000", "Rows deleted per transaction by a purge."),
+    _Var(
+        PREFIX + "RETENTION_CRON",
+        "retention_cron",
+        _text,
+        "0 3 * * *",
+        "When the daily purge runs (crontab fields, UTC).",
+    ),
+    _Var(
+        PREFIX + "RETENTION_ENABLED",
+        "retention_enabled",
+        _boolean,
+        "true",
+        "Run the daily purge (one replica runs it each day).",
+    ),
+    _Var(
+        PREFIX + "PURGE_MIN_AGE_DAYS",
+        "purge_min_age_days",
+        _integer(0, 3650),
+        "1",
+        "Purge refuses a cut-off more recent than this.",
+    ),
+    _Var(
+        PREFIX + "PURGE_BATCH_SIZE",
+        "purge_batch_size",
+        _integer(1, 100_000),
+        "5000",
+        "Rows deleted per transaction by a purge.",
+    ),
     _Var(
         PREFIX + "PURGE_REST_PERCENT",
+        "purge_rest_percent",
+        _integer(0, 1000),
         "200",
         "After each batch a purge rests this share of the time the batch took, so Stores keep theirs; 0: no rest.",
     ),
-    _Var(PREFIX + "RABBITMQ_URL", "(unset: outbox only)", "AMQP URL; a relay publishes reprocessed webhooks there."),
-    _Var(PREFIX + "RABBITMQ_QUEUE", "deadletter.reprocess", "Durable queue the relay publishes to."),
     _Var(
-        PREFIX + "METRICS_LISTEN", "127.0.0.1:9464", "host:port of the Prometheus /metrics endpoint; 'off' disables it."
+        PREFIX + "RABBITMQ_URL",
+        "rabbitmq_url",
+        _text,
+        "(unset: outbox only)",
+        "AMQP URL; a relay publishes reprocessed webhooks there.",
+    ),
+    _Var(
+        PREFIX + "RABBITMQ_QUEUE",
+        "rabbitmq_queue",
+        _text,
+        "deadletter.reprocess",
+        "Durable queue the relay publishes to.",
+    ),
+    _Var(
+        PREFIX + "METRICS_LISTEN",
+        "metrics_listen",
+        _metrics_listen,
+        "127.0.0.1:9464",
+        "host:port of the Prometheus /metrics endpoint; 'off' disables it.",
     ),
     _Var(
         PREFIX + "HEALTH_CHECK_SECONDS",
+        "health_check_seconds",
+        _seconds(),
         "5",
         "How often the database is checked; health is NOT_SERVING while it is unreachable.",
     ),
-    _Var(PREFIX + "METRICS_REFRESH_SECONDS", "30", "How often the pending and queued gauges are recounted."),
-    _Var(PREFIX + "DATA_DIR", "./.deadletter", "Embedded mode only: PostgreSQL data and generated keys."),
-    _Var(PREFIX + "MIGRATIONS_DIR", "./migrations", "Folder of ordered .sql migrations."),
-    _Var(PREFIX + "MIGRATE_ON_START", "true", "Apply pending migrations at start."),
-    _Var(PREFIX + "MAX_PAYLOAD_BYTES", "1048576", "Largest payload Store accepts; sets the gRPC receive limit."),
-    _Var(PREFIX + "DB_POOL_MIN_SIZE", "2", "Connections kept open."),
-    _Var(PREFIX + "DB_POOL_MAX_SIZE", "10", "Most connections open at once."),
-    _Var(PREFIX + "DB_ACQUIRE_TIMEOUT_SECONDS", "5", "Wait for a free connection before UNAVAILABLE."),
-    _Var(PREFIX + "DB_STATEMENT_TIMEOUT_SECONDS", "30", "Longest a single query may run."),
-    _Var(PREFIX + "SHUTDOWN_GRACE_SECONDS", "10", "On SIGTERM, how long in-flight calls may take to finish."),
-    _Var(PREFIX + "LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR. Logs never contain payloads."),
+    _Var(
+        PREFIX + "METRICS_REFRESH_SECONDS",
+        "metrics_refresh_seconds",
+        _seconds(),
+        "30",
+        "How often the pending and queued gauges are recounted.",
+    ),
+    _Var(
+        PREFIX + "DATA_DIR",
+        "data_dir",
+        _path,
+        "./.deadletter",
+        "Embedded mode only: PostgreSQL data and generated keys.",
+    ),
+    _Var(PREFIX + "MIGRATIONS_DIR", "migrations_dir", _path, "./migrations", "Folder of ordered .sql migrations."),
+    _Var(PREFIX + "MIGRATE_ON_START", "migrate_on_start", _boolean, "true", "Apply pending migrations at start."),
+    _Var(
+        PREFIX + "MAX_PAYLOAD_BYTES",
+        "max_payload_bytes",
+        _integer(1, 64 << 20),
+        "1048576",
+        "Largest payload Store accepts; sets the gRPC receive limit.",
+    ),
+    _Var(PREFIX + "DB_POOL_MIN_SIZE", "db_pool_min_size", _integer(0, 1000), "2", "Connections kept open."),
+    _Var(PREFIX + "DB_POOL_MAX_SIZE", "db_pool_max_size", _integer(1, 1000), "10", "Most connections open at once."),
+    _Var(
+        PREFIX + "DB_ACQUIRE_TIMEOUT_SECONDS",
+        "db_acquire_timeout_seconds",
+        _seconds(),
+        "5",
+        "Wait for a free connection before UNAVAILABLE.",
+    ),
+    _Var(
+        PREFIX + "DB_STATEMENT_TIMEOUT_SECONDS",
+        "db_statement_timeout_seconds",
+        _seconds(),
+        "30",
+        "Longest a single query may run.",
+    ),
+    _Var(
+        PREFIX + "SHUTDOWN_GRACE_SECONDS",
+        "shutdown_grace_seconds",
+        _seconds(),
+        "10",
+        "On SIGTERM, how long in-flight calls may take to finish.",
+    ),
+    _Var(
+        PREFIX + "LOG_LEVEL",
+        "log_level",
+        _log_level,
+        "INFO",
+        "DEBUG, INFO, WARNING or ERROR. Logs never contain payloads.",
+    ),
 )
 
 
 def from_env(env: Mapping[str, str] | None = None) -> Settings:
     """Read and validate every setting, raising ConfigError naming the first bad one."""
-    env = os.environ if env is None else env
-    reader = _Reader(env)
-    settings = Settings(
-        database_url=reader.text("DATABASE_URL"),
-        migrations_database_url=reader.text(PREFIX + "MIGRATIONS_DATABASE_URL"),
-        listen=reader.text(PREFIX + "LISTEN") or Settings.listen,
-        encryption_keys=reader.text(PREFIX + "ENCRYPTION_KEYS"),
-        data_dir=reader.path(PREFIX + "DATA_DIR", Settings.data_dir),
-        migrations_dir=reader.path(PREFIX + "MIGRATIONS_DIR", Settings.migrations_dir),
-        migrate_on_start=reader.boolean(PREFIX + "MIGRATE_ON_START", Settings.migrate_on_start),
-        max_payload_bytes=reader.integer(PREFIX + "MAX_PAYLOAD_BYTES", Settings.max_payload_bytes, 1, 64 << 20),
-        db_pool_min_size=reader.integer(PREFIX + "DB_POOL_MIN_SIZE", Settings.db_pool_min_size, 0, 1000),
-        db_pool_max_size=reader.integer(PREFIX + "DB_POOL_MAX_SIZE", Settings.db_pool_max_size, 1, 1000),
-        db_acquire_timeout_seconds=reader.seconds(
-            PREFIX + "DB_ACQUIRE_TIMEOUT_SECONDS", Settings.db_acquire_timeout_seconds
-        ),
-        db_statement_timeout_seconds=reader.seconds(
-            PREFIX + "DB_STATEMENT_TIMEOUT_SECONDS", Settings.db_statement_timeout_seconds
-        ),
-        shutdown_grace_seconds=reader.seconds(PREFIX + "SHUTDOWN_GRACE_SECONDS", Settings.shutdown_grace_seconds),
-        log_level=reader.choice(PREFIX + "LOG_LEVEL", Settings.log_level, ("DEBUG", "INFO", "WARNING", "ERROR")),
-        jwt_secret=reader.text(PREFIX + "JWT_SECRET"),
-        jwt_public_key_file=reader.optional_path(PREFIX + "JWT_PUBLIC_KEY_FILE"),
-        jwt_issuer=reader.text(PREFIX + "JWT_ISSUER"),
-        jwt_audience=reader.text(PREFIX + "JWT_AUDIENCE"),
-        jwt_leeway_seconds=reader.seconds(
-            PREFIX + "JWT_LEEWAY_SECONDS", Settings.jwt_leeway_seconds, allow_zero=True, high=120
-        ),
-        tls_cert_file=reader.optional_path(PREFIX + "TLS_CERT_FILE"),
-        tls_key_file=reader.optional_path(PREFIX + "TLS_KEY_FILE"),
-        tls_client_ca_file=reader.optional_path(PREFIX + "TLS_CLIENT_CA_FILE"),
-        allow_plaintext=reader.boolean(PREFIX + "ALLOW_PLAINTEXT", Settings.allow_plaintext),
-        healthcheck_ca_file=reader.optional_path(PREFIX + "HEALTHCHECK_CA_FILE"),
-        healthcheck_cert_file=reader.optional_path(PREFIX + "HEALTHCHECK_CERT_FILE"),
-        healthcheck_key_file=reader.optional_path(PREFIX + "HEALTHCHECK_KEY_FILE"),
-        meta_app_secrets=reader.text(PREFIX + "META_APP_SECRETS"),
-        redrive_max_per_second=reader.integer(
-            PREFIX + "REDRIVE_MAX_PER_SECOND", Settings.redrive_max_per_second, 1, 10_000
-        ),
-        redrive_max_batch=reader.integer(PREFIX + "REDRIVE_MAX_BATCH", Settings.redrive_max_batch, 1, 1_000_000),
-        purge_batch_size=reader.integer(PREFIX + "PURGE_BATCH_SIZE", Settings.purge_batch_size, 1, 100_000),
-        purge_rest_percent=reader.integer(PREFIX + "PURGE_REST_PERCENT", Settings.purge_rest_percent, 0, 1000),
-        purge_min_age_days=reader.integer(PREFIX + "PURGE_MIN_AGE_DAYS", Settings.purge_min_age_days, 0, 3650),
-        retention_days=reader.integer(PREFIX + "RETENTION_DAYS", Settings.retention_days, 1, 3650),
-        retention_cron=reader.text(PREFIX + "RETENTION_CRON") or Settings.retention_cron,
-        retention_enabled=reader.boolean(PREFIX + "RETENTION_ENABLED", Settings.retention_enabled),
-        rabbitmq_url=reader.text(PREFIX + "RABBITMQ_URL"),
-        rabbitmq_queue=reader.text(PREFIX + "RABBITMQ_QUEUE") or Settings.rabbitmq_queue,
-        metrics_listen=_metrics_listen(reader.text(PREFIX + "METRICS_LISTEN")),
-        health_check_seconds=reader.seconds(PREFIX + "HEALTH_CHECK_SECONDS", Settings.health_check_seconds),
-        metrics_refresh_seconds=reader.seconds(PREFIX + "METRICS_REFRESH_SECONDS", Settings.metrics_refresh_seconds),
-    )
+    reader = _Reader(os.environ if env is None else env)
+    defaults = Settings()
+    settings = Settings(**{v.field: v.read(reader, v.name, getattr(defaults, v.field)) for v in VARIABLES})
     _check_listen(settings.listen)
     if settings.db_pool_min_size > settings.db_pool_max_size:
         raise ConfigError(f"{PREFIX}DB_POOL_MIN_SIZE must not exceed {PREFIX}DB_POOL_MAX_SIZE")
@@ -246,15 +379,6 @@ def app_secrets(settings: Settings) -> list[bytes]:
     """The Meta app secrets to verify signatures with (empty: not checked)."""
     value = settings.meta_app_secrets or ""
     return [part.strip().encode() for part in value.split(",") if part.strip()]
-
-
-def _metrics_listen(value: str | None) -> str | None:
-    if value is None:
-        return Settings.metrics_listen
-    if value.lower() in ("off", "false", "0", "none"):
-        return None
-    _check_listen(value, PREFIX + "METRICS_LISTEN")
-    return value
 
 
 def _check_transport(settings: Settings) -> None:
@@ -290,14 +414,6 @@ class _Reader:
         value = self._env.get(name, "").strip()
         return value or None
 
-    def path(self, name: str, default: Path) -> Path:
-        value = self.text(name)
-        return Path(value).expanduser().resolve() if value else default
-
-    def optional_path(self, name: str) -> Path | None:
-        value = self.text(name)
-        return Path(value).expanduser().resolve() if value else None
-
     def boolean(self, name: str, default: bool) -> bool:
         value = self.text(name)
         if value is None:
@@ -328,8 +444,8 @@ class _Reader:
             seconds = float(value)
         except ValueError:
             seconds = -1.0
-        if not (seconds >= 0 if allow_zero else seconds > 0) or seconds > 3600:
-            raise ConfigError(f"{name} must be a number of seconds from {0 if allow_zero else 'above 0'} to 3600")
+        if not (seconds >= 0 if allow_zero else seconds > 0) or seconds > high:
+            raise ConfigError(f"{name} must be a number of seconds from {0 if allow_zero else 'above 0'} to {high:g}")
         return seconds
 
     def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:

@@ -12,7 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from deadletter.v1 import deadletter_pb2 as pb
 from deadletter.v1 import deadletter_pb2_grpc as pb_grpc
 from server.auth import Role, mint_token
-from server.config import ConfigError, from_env
+from server.config import VARIABLES, ConfigError, Settings, _Var, from_env
 from server.crypto import Keyring, generate_key
 from tests.conftest import JWT_SECRET, SAMPLES, channel_to
 from tests.processes import ServerProcess, free_port, run_server_command
@@ -108,12 +108,22 @@ def test_same_key_twice_is_refused() -> None:
         ({"DEADLETTER_DB_ACQUIRE_TIMEOUT_SECONDS": "0"}, "DEADLETTER_DB_ACQUIRE_TIMEOUT_SECONDS"),
         ({"DEADLETTER_DB_POOL_MIN_SIZE": "20", "DEADLETTER_DB_POOL_MAX_SIZE": "5"}, "DEADLETTER_DB_POOL_MIN_SIZE"),
         ({"DEADLETTER_LOG_LEVEL": "chatty"}, "DEADLETTER_LOG_LEVEL"),
+        ({"DEADLETTER_JWT_LEEWAY_SECONDS": "121"}, "DEADLETTER_JWT_LEEWAY_SECONDS"),  # documented: at most 120
     ],
 )
 def test_bad_settings_name_the_variable(env: dict[str, str], variable: str) -> None:
     with pytest.raises(ConfigError) as caught:
         from_env(env)
     assert variable in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "variable",
+    [v for v in VARIABLES if not v.default.startswith(("(", "./"))],  # not the notes, nor paths relative to the root
+    ids=lambda v: v.name,
+)
+def test_the_documented_default_is_what_an_unset_variable_gives(variable: _Var) -> None:
+    assert getattr(from_env({variable.name: variable.default}), variable.field) == getattr(Settings(), variable.field)
 
 
 def test_database_url_without_a_way_to_verify_tokens_is_refused() -> None:
